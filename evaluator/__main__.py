@@ -1,0 +1,3 @@
+from evaluator.cli import eval_cli
+
+eval_cli()

@@ -1,0 +1,46 @@
+"""Two families of exceptions, kept apart on purpose.
+
+`XaresError` and its subclasses are *for the user*: a bad submission, bad data, a missing model, a
+sandbox that cannot start. The CLI turns them into one line and an exit code. Anything else that
+escapes is *our* bug: the CLI reports it as an internal error (traceback with ``--debug``).
+"""
+
+from __future__ import annotations
+
+
+class XaresError(Exception):
+    """Something the user must fix. The message says what was expected, what arrived, and how to fix it."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, reasons: list[str] | None = None):
+        super().__init__(message)
+        self.reasons = list(reasons or [])  # one line per failing check, printed after the message
+
+
+class SubmissionError(XaresError):
+    """The submission (archive, manifest, encoder behaviour) breaks the contract."""
+
+
+class SandboxError(SubmissionError):
+    """The encoder misbehaved inside the sandbox (timeout, crash, limit hit, bad output)."""
+
+
+class DataError(XaresError):
+    """Task data is missing, malformed or unreadable."""
+
+
+class ConfigError(XaresError):
+    """A config file or option combination is invalid."""
+
+    exit_code = 2
+
+
+class ModelError(XaresError):
+    """A decoder, tokenizer or metric model is missing or unusable."""
+
+
+class EnvironmentUnavailable(XaresError):
+    """The host lacks something the run needs (Docker engine, GPU, isolation tool)."""
+
+    exit_code = 3

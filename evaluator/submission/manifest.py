@@ -1,0 +1,108 @@
+"""The submission manifest (``manifest.json``) as a frozen dataclass.
+
+The JSON schema (``schemas/submission.schema.json``) is the contract; this module only turns a
+schema-valid document into typed fields so later stages never index raw dicts.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from evaluator.errors import SubmissionError
+from evaluator.resources import validate_document
+
+MANIFEST_NAME = "manifest.json"
+CHECKSUMS_NAME = "SHA256SUMS"
+BUILD_REPORT_NAME = "build_report.json"
+SAMPLE_RATE = 16000  # Hz; the only rate the contract allows
+
+
+@dataclass(frozen=True)
+class PayloadFile:
+    path: str
+    sha256: str
+    size: int  # bytes
+
+
+@dataclass(frozen=True)
+class OnnxSpec:
+    model: str  # path inside the submission
+    audio_input: str  # [B, S] float32
+    features_output: str  # [B, T, D]
+    mask_input: str | None = None  # [B, S] sample mask, or None
+    mask_output: str | None = None  # [B, T] frame mask, or None (all frames valid)
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    image: str  # path of the `docker save` archive inside the submission
+    image_id: str  # sha256:<64 hex>, the image is run by this id
+    entrypoint: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Resources:
+    gpu: bool = False
+    memory_mb: int = 4096
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    team: str
+    kind: str  # "onnx" | "container"
+    output_dim: int
+    frame_hop_ms: float
+    max_audio_seconds: float
+    output_dtype: str  # "float32" | "float16"
+    files: tuple[PayloadFile, ...] = ()
+    onnx: OnnxSpec | None = None
+    container: ContainerSpec | None = None
+    resources: Resources = field(default_factory=Resources)
+    license: str = ""
+    description: str = ""
+    sample_rate: int = SAMPLE_RATE
+    schema_version: int = 1
+
+    @property
+    def frames_per_second(self) -> float:
+        return 1000.0 / self.frame_hop_ms
+
+    @classmethod
+    def from_dict(cls, doc: object) -> "Manifest":
+        """Validate against the schema and build. Raises SubmissionError listing every violation."""
+        validate_document(doc, "submission", what="manifest.json", error=SubmissionError)
+        assert isinstance(doc, dict)
+        d = dict(doc)
+        d["files"] = tuple(PayloadFile(**f) for f in d.get("files", []))
+        if "onnx" in d:
+            d["onnx"] = OnnxSpec(**d["onnx"])
+        if "container" in d:
+            c = dict(d["container"])
+            c["entrypoint"] = tuple(c["entrypoint"])
+            d["container"] = ContainerSpec(**c)
+        if "resources" in d:
+            d["resources"] = Resources(**d["resources"])
+        return cls(**d)
+
+    @classmethod
+    def load(cls, path: Path) -> "Manifest":
+        try:
+            doc = json.loads(Path(path).read_text())
+        except FileNotFoundError as e:
+            raise SubmissionError(f"no {MANIFEST_NAME} in the submission ({path})") from e
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise SubmissionError(f"{MANIFEST_NAME} is not valid JSON: {e}") from e
+        return cls.from_dict(doc)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["files"] = [asdict(f) for f in self.files]
+        for key in ("onnx", "container"):
+            if d[key] is None:
+                del d[key]
+        if d.get("container"):
+            d["container"]["entrypoint"] = list(d["container"]["entrypoint"])
+        return d

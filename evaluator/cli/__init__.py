@@ -32,6 +32,7 @@ EVAL_COMMANDS = {
     "demo-data": "evaluator.cli.tasks:demo_data",
     "leaderboard": "evaluator.cli.leaderboard:leaderboard",
     "validate": "evaluator.cli.submit:validate",
+    "demo": "evaluator.cli.demo:demo",
 }
 
 

@@ -1,0 +1,131 @@
+"""The JSON schemas: well-formed draft 2020-12, versioned, and round-tripping real documents."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import jsonschema
+import pytest
+
+from evaluator.errors import SubmissionError
+from evaluator.resources import load_schema, schema_errors, schemas_dir
+from evaluator.submission.manifest import Manifest
+
+NAMES = ["submission", "extract_request", "extract_response", "results"]
+
+MINIMAL_RESULTS = {
+    "schema_version": 1,
+    "submission": {"name": "baseline", "sha256": "ab" * 32},
+    "machine": "cpu-1",
+    "track": "A",
+    "tasks": [{"task": "esc-50", "hidden": False, "metric": "Accuracy", "score": 0.5, "n_samples": 400}],
+}
+
+ONNX_MANIFEST = {
+    "schema_version": 1,
+    "name": "logmel-baseline",
+    "team": "organizers",
+    "kind": "onnx",
+    "sample_rate": 16000,
+    "output_dim": 64,
+    "frame_hop_ms": 20,
+    "max_audio_seconds": 30,
+    "output_dtype": "float32",
+    "onnx": {"model": "model.onnx", "audio_input": "audio", "mask_input": "audio_attention_mask",
+             "features_output": "features", "mask_output": "mask"},
+    "resources": {"gpu": False, "memory_mb": 2048},
+    "license": "Apache-2.0",
+    "files": [{"path": "model.onnx", "sha256": "0" * 64, "size": 10}],
+}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_schema_is_valid_2020_12_with_id_and_version(name):
+    schema = load_schema(name)
+    jsonschema.Draft202012Validator.check_schema(schema)
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    assert schema["$id"].endswith(f"/{name}/1")
+    assert schema["properties"]["schema_version"] == {"const": 1}
+
+
+def test_every_schema_file_is_listed():
+    assert sorted(p.name.removesuffix(".schema.json") for p in schemas_dir().glob("*.schema.json")) == sorted(NAMES)
+
+
+class TestResults:
+    def test_minimal_document_is_valid(self):
+        assert schema_errors(MINIMAL_RESULTS, "results") == []
+
+    @pytest.mark.parametrize("field", ["schema_version", "submission", "machine", "track", "tasks"])
+    def test_each_required_field_is_required(self, field):
+        doc = copy.deepcopy(MINIMAL_RESULTS)
+        del doc[field]
+        assert any(field in e for e in schema_errors(doc, "results"))
+
+    @pytest.mark.parametrize("score", [-0.01, 1.01, "0.5"])
+    def test_score_outside_unit_interval_refused(self, score):
+        doc = copy.deepcopy(MINIMAL_RESULTS)
+        doc["tasks"][0]["score"] = score
+        assert schema_errors(doc, "results")
+
+
+class TestManifest:
+    def test_round_trip(self):
+        m = Manifest.from_dict(ONNX_MANIFEST)
+        assert m.onnx.mask_output == "mask" and m.files[0].size == 10
+        again = json.loads(json.dumps(m.to_dict()))
+        assert schema_errors(again, "submission") == []
+        assert Manifest.from_dict(again) == m
+        assert m.frames_per_second == 50
+
+    def test_container_manifest_round_trip(self):
+        doc = copy.deepcopy(ONNX_MANIFEST)
+        del doc["onnx"]
+        doc["kind"] = "container"
+        doc["container"] = {"image": "image.tar", "image_id": "sha256:" + "a" * 64,
+                            "entrypoint": ["python3", "/app/entrypoint.py"]}
+        m = Manifest.from_dict(doc)
+        assert m.container.entrypoint == ("python3", "/app/entrypoint.py")
+        assert Manifest.from_dict(m.to_dict()) == m
+
+    @pytest.mark.parametrize(
+        "mutate, expect",
+        [
+            (lambda d: d.update(sample_rate=44100), "sample_rate"),
+            (lambda d: d.update(output_dim=0), "output_dim"),
+            (lambda d: d.update(kind="pickle"), "kind"),
+            (lambda d: d.pop("onnx"), "onnx"),
+            (lambda d: d["files"].append({"path": "../evil", "sha256": "0" * 64, "size": 1}), "files/1/path"),
+            (lambda d: d["files"].append({"path": "/etc/passwd", "sha256": "0" * 64, "size": 1}), "files/1/path"),
+            (lambda d: d.update(surprise=True), "surprise"),
+        ],
+    )
+    def test_invalid_manifest_refused_with_reason(self, mutate, expect):
+        doc = copy.deepcopy(ONNX_MANIFEST)
+        mutate(doc)
+        with pytest.raises(SubmissionError) as info:
+            Manifest.from_dict(doc)
+        assert any(expect in r for r in info.value.reasons), info.value.reasons
+
+    def test_not_json(self, tmp_path):
+        p = tmp_path / "manifest.json"
+        p.write_text("{nope")
+        with pytest.raises(SubmissionError, match="not valid JSON"):
+            Manifest.load(p)
+
+
+class TestExtractProtocol:
+    def test_request_round_trip(self):
+        req = {"schema_version": 1, "sample_rate": 16000,
+               "items": [{"id": "clip-0001", "path": "audio/clip-0001.wav", "num_samples": 16000}]}
+        assert schema_errors(req, "extract_request") == []
+        req["items"][0]["id"] = "../x"
+        assert schema_errors(req, "extract_request")
+
+    def test_response_requires_features_when_ok_and_error_when_not(self):
+        ok = {"id": "a", "status": "ok", "features": "a.npy", "shape": [10, 64], "dtype": "float32"}
+        bad = {"id": "b", "status": "error", "error": "decoder exploded"}
+        assert schema_errors({"schema_version": 1, "items": [ok, bad]}, "extract_response") == []
+        assert schema_errors({"schema_version": 1, "items": [{"id": "a", "status": "ok"}]}, "extract_response")
+        assert schema_errors({"schema_version": 1, "items": [{"id": "b", "status": "error"}]}, "extract_response")

@@ -297,7 +297,9 @@ class TestRefusals:
 
     def test_clips_the_encoder_fails_on_are_recorded_not_dropped(self, tmp_path, models):
         clips = make_clips(12, frame_aligned=True)
-        bad = Clip(clips[5].key, clips[5].audio[:-7], clips[5].targets)  # not frame-aligned: Reshape fails
+        # the longest clip, and not frame-aligned: its padded batch cannot be reshaped into frames
+        longest = max(len(c.audio) for c in clips)
+        bad = Clip(clips[5].key, np.zeros(longest + 7, np.float32), clips[5].targets)
         clips[5] = bad
         rt = SessionRuntime(models["strict"])
         store = FeatureStore.open(tmp_path, make_key())
@@ -350,3 +352,29 @@ class TestSpotCheck:
         extract(SessionRuntime(models["plain"]), clips, store, manifest, SMALL)
         with pytest.raises(SandboxError, match="differs"):
             spot_check(SessionRuntime(models["random"]), {c.key: c for c in clips}, store, manifest, n=6)
+
+
+# ---- through the sandbox's ONNX runtime ------------------------------------------------------
+class TestWithOnnxRuntime:
+    """The same flow through `open_runtime` (the organizer's ONNX runtime) instead of the test session."""
+
+    @pytest.fixture
+    def submission(self, tmp_path, models):
+        root = tmp_path / "submission"
+        root.mkdir()
+        (root / "model.onnx").write_bytes(models["plain"].read_bytes())
+        return root
+
+    def test_extract_reuse_and_spot_check(self, tmp_path, submission):
+        from evaluator.sandbox import Limits, open_runtime
+
+        clips, manifest = make_clips(10), make_manifest()
+        with open_runtime(submission, manifest, Limits(cpus=1)) as rt:
+            store = FeatureStore.open(tmp_path / "store", make_key())
+            report = extract(rt, clips, store, manifest, SMALL)
+            assert report.encoder_calls == rt.calls == 10 and report.clips == 10
+            check = spot_check(rt, {c.key: c for c in clips}, store, manifest, n=3, seed=1)
+            assert check.encoder_calls == 3 and check.max_abs_diff < 1e-2
+        with open_runtime(submission, manifest, Limits(cpus=1)) as rt2:
+            again = extract(rt2, clips, FeatureStore.open(tmp_path / "store", make_key()), manifest, SMALL)
+            assert again.reused and rt2.calls == 0

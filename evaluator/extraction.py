@@ -30,8 +30,9 @@ from __future__ import annotations
 import math
 import resource
 import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable, Iterator, Mapping, Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -284,7 +285,7 @@ def extract(
     """
     start, calls0 = time.monotonic(), runtime.calls
     if store.complete:
-        return _report(store, start, calls0, runtime, encoded=0, resumed=0, reused=True, seconds=0.0, windowed=0)
+        return reused_report(store)
     done = store.done_keys()
     run = _Run(runtime, store, manifest, config, progress)
     seen: set[str] = set()
@@ -310,7 +311,7 @@ def extract(
     if missing:
         raise DataError(
             f"the feature store {store.path} holds {len(missing)} clips the data no longer has "
-            f"(e.g. {sorted(missing)[0]!r}); the data changed under the same digests"
+            f"(e.g. {min(missing)!r}); the data changed under the same digests"
         )
     total = len(store.entries) + len(store.failures)
     if total and len(store.failures) > config.max_failed_fraction * total:
@@ -386,6 +387,15 @@ class _Run:
         if self.pending or self.pending_failures:
             self.store.write_shard(self.pending, self.pending_failures)
         self.pending, self.pending_failures, self.pending_bytes = [], [], 0
+
+
+def reused_report(store: FeatureStore) -> ExtractionReport:
+    """The report of a complete store that is reused: nothing encoded, no encoder started."""
+    return ExtractionReport(
+        store=str(store.path), clips=len(store.entries), failed=len(store.failures), encoded=0, resumed=0,
+        reused=True, audio_seconds=0.0, wall_seconds=0.0, encoder_calls=0, windowed=0,
+        bytes_stored=store.bytes_stored,
+    )
 
 
 def _report(store, start, calls0, runtime, *, encoded, resumed, reused, seconds, windowed) -> ExtractionReport:

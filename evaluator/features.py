@@ -33,9 +33,9 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -98,7 +98,7 @@ class StoreKey:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "StoreKey":
+    def from_dict(cls, d: dict) -> StoreKey:
         d = dict(d)
         d["data_digests"] = tuple(d.get("data_digests", ()))
         d["settings"] = tuple(dict(d.get("settings", {})).items())
@@ -171,7 +171,7 @@ class FeatureStore:
 
     # ---- opening -------------------------------------------------------------------------
     @classmethod
-    def open(cls, root: Path, key: StoreKey) -> "FeatureStore":
+    def open(cls, root: Path, key: StoreKey) -> FeatureStore:
         """Create the key directory under ``root`` or reopen it to resume or reuse.
 
         Leftovers of an interrupted write (temp files, a shard array without its index part) are
@@ -205,7 +205,7 @@ class FeatureStore:
         return store
 
     @classmethod
-    def load(cls, path: Path) -> "FeatureStore":
+    def load(cls, path: Path) -> FeatureStore:
         """Open an existing key directory (e.g. for training), complete or not, without writing."""
         path = Path(path)
         key_file = path / KEY_NAME
@@ -214,7 +214,7 @@ class FeatureStore:
         return cls(path, StoreKey.from_dict(_read_json(key_file)))
 
     @staticmethod
-    def scan(root: Path) -> list["FeatureStore"]:
+    def scan(root: Path) -> list[FeatureStore]:
         """Every store directory under ``root`` (complete or not), sorted by task, split and path."""
         found = []
         for key_file in sorted(Path(root).glob(f"*/{KEY_NAME}")):
@@ -225,7 +225,7 @@ class FeatureStore:
         return sorted(found, key=lambda s: (s.key.task, s.key.split, str(s.path)))
 
     @classmethod
-    def find(cls, root: Path, key: StoreKey) -> "FeatureStore | None":
+    def find(cls, root: Path, key: StoreKey) -> FeatureStore | None:
         """The complete store for ``key`` under ``root``, or None (nothing is created)."""
         path = Path(root) / key.digest[:DIGEST_CHARS]
         if not (path / DONE_NAME).exists():
@@ -436,7 +436,7 @@ class FeatureStore:
                 problems.append(f"{path}: sha256 differs from the index")
         return problems
 
-    def dataset(self, *, prompt: str, task: str | None = None) -> "StoredFeatureDataset":
+    def dataset(self, *, prompt: str, task: str | None = None) -> StoredFeatureDataset:
         """The finished store as a `FeatureDataset` for training and generation."""
         if not self.complete:
             raise DataError(f"feature store {self.path} is incomplete (no {DONE_NAME}); rerun the extraction")

@@ -158,7 +158,7 @@ def make_manifest(*, dim: int = DIM, max_seconds: float = 30.0) -> Manifest:
 
 
 def make_key(**kw) -> StoreKey:
-    base = dict(submission_sha256=SUB, data_digests=DATA, task="tiny", split="train", window_seconds=30.0)
+    base = {"submission_sha256": SUB, "data_digests": DATA, "task": "tiny", "split": "train", "window_seconds": 30.0}
     return StoreKey(**{**base, **kw})
 
 
@@ -378,3 +378,75 @@ class TestWithOnnxRuntime:
         with open_runtime(submission, manifest, Limits(cpus=1)) as rt2:
             again = extract(rt2, clips, FeatureStore.open(tmp_path / "store", make_key()), manifest, SMALL)
             assert again.reused and rt2.calls == 0
+
+
+# ---- the command ------------------------------------------------------------------------------
+class TestExtractCommand:
+    """``xares-eval extract`` in process on a packed submission and generated webdataset shards."""
+
+    @pytest.fixture
+    def submission_tar(self, tmp_path, models):
+        from evaluator.submission.archive import pack
+
+        stage = tmp_path / "stage"
+        stage.mkdir()
+        (stage / "model.onnx").write_bytes(models["plain"].read_bytes())
+        return pack(stage, make_manifest(max_seconds=2.0), tmp_path / "submission.tar") and tmp_path / "submission.tar"
+
+    @pytest.fixture
+    def shards(self, tmp_path):
+        import io
+        import json
+
+        import soundfile as sf
+
+        from evaluator.data.shards import write_shard
+
+        clips = make_clips(9, seconds=(0.4, 3.0))
+        for s in range(3):
+            members = []
+            for c in clips[s * 3 : (s + 1) * 3]:
+                name = c.key.split("/")[-1]
+                wav = io.BytesIO()
+                sf.write(wav, c.audio, SR, format="WAV", subtype="FLOAT")
+                members += [(f"{name}.wav", wav.getvalue()), (f"{name}.json", json.dumps({"label": c.targets[0]}).encode())]
+            members += [("broken.wav", b"not audio"), ("broken.json", b'{"label": "x"}')]  # skipped, reported
+            write_shard(tmp_path / "data" / f"part_{s:06d}.tar.gz", members)
+        return tmp_path / "data"
+
+    def run(self, *args):
+        from click.testing import CliRunner
+
+        from evaluator.cli import eval_cli
+
+        return CliRunner().invoke(eval_cli, ["extract", *map(str, args)])
+
+    def test_extract_then_reuse(self, tmp_path, submission_tar, shards):
+        out = tmp_path / "features"
+        first = self.run(submission_tar, "--data", f"{shards}/part_*.tar.gz", "--out", out, "--task", "tiny",
+                         "--spot-check", "0.5")
+        assert first.exit_code == 0, first.output
+        assert "9 stored, 0 failed" in first.output and "encoder calls: " in first.output
+        assert "audio-seconds per second" in first.output and "3 unreadable audio" in first.output
+        assert "long clips in windows" in first.output  # clips up to 3 s, windows of 2 s
+        assert "spot check: 5 clips re-extracted" in first.output
+        (store,) = FeatureStore.scan(out)
+        assert store.complete and store.key.task == "tiny" and len(store.key.data_digests) == 3
+        ds = store.dataset(prompt="p")
+        assert len(ds) == 9 and ds.targets(0) == ("label0",) and ds.key(0) == "part_000000.tar.gz/00000"
+        second = self.run(submission_tar, "--data", f"{shards}/part_*.tar.gz", "--out", out, "--task", "tiny")
+        assert second.exit_code == 0, second.output
+        assert "encoder calls: 0" in second.output and "Reused" in second.output
+        third = self.run(submission_tar, "--data", f"{shards}/part_*.tar.gz", "--out", out, "--task", "tiny",
+                         "--dtype", "float32")
+        assert third.exit_code == 0 and "encoder calls: 0" not in third.output
+        assert len(FeatureStore.scan(out)) == 2
+
+    def test_bad_inputs_are_one_line_errors(self, tmp_path, submission_tar, shards):
+        missing = self.run(submission_tar, "--data", tmp_path / "nope.tar.gz", "--out", tmp_path / "f")
+        assert missing.exit_code == 1 and missing.output.startswith("Checking") and "error:" in missing.output
+        assert "Traceback" not in missing.output
+        junk = tmp_path / "junk.tar"
+        junk.write_bytes(b"this is not a tar")
+        bad = self.run(junk, "--data", f"{shards}/part_*.tar.gz", "--out", tmp_path / "f")
+        assert bad.exit_code == 1 and "not a readable tar" in bad.output

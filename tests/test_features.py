@@ -15,8 +15,8 @@ SUB = "ab" * 32
 
 
 def key(**kw) -> StoreKey:
-    base = dict(submission_sha256=SUB, data_digests=("02" * 32, "01" * 32), task="esc50", split="train",
-                window_seconds=30.0)
+    base = {"submission_sha256": SUB, "data_digests": ("02" * 32, "01" * 32), "task": "esc50", "split": "train",
+                "window_seconds": 30.0}
     return StoreKey(**{**base, **kw})
 
 
@@ -34,9 +34,9 @@ class TestKey:
         assert key().digest == key(data_digests=("01" * 32, "02" * 32)).digest
         assert key(settings=(("b", "2"), ("a", "1"))).digest == key(settings=(("a", "1"), ("b", "2"))).digest
 
-    @pytest.mark.parametrize("change", [dict(submission_sha256="cd" * 32), dict(dtype="float32"), dict(task="x"),
-                                        dict(split="eval"), dict(window_seconds=10.0), dict(crop_seconds=30.0),
-                                        dict(data_digests=("01" * 32,)), dict(settings=(("label_keys", "a"),))])
+    @pytest.mark.parametrize("change", [{"submission_sha256": "cd" * 32}, {"dtype": "float32"}, {"task": "x"},
+                                        {"split": "eval"}, {"window_seconds": 10.0}, {"crop_seconds": 30.0},
+                                        {"data_digests": ("01" * 32,)}, {"settings": (("label_keys", "a"),)}])
     def test_everything_that_changes_features_changes_the_digest(self, change):
         assert key(**change).digest != key().digest
 

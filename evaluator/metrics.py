@@ -81,7 +81,7 @@ def _as_reference_lists(references: Sequence[Reference]) -> list[list[str]]:
 
 def _check_inputs(name: str, predictions: Sequence[str], references: Sequence[Reference]) -> list[list[str]]:
     if isinstance(predictions, str) or isinstance(references, str):
-        raise ValueError(f"{name}: predictions and references must be sequences, one item per sample")
+        raise TypeError(f"{name}: predictions and references must be sequences, one item per sample")
     if len(predictions) != len(references):
         raise ValueError(
             f"{name}: {len(predictions)} predictions but {len(references)} references; "
@@ -91,7 +91,7 @@ def _check_inputs(name: str, predictions: Sequence[str], references: Sequence[Re
         raise DataError(f"{name}: nothing to score (0 samples); the task's test split produced no samples")
     for i, p in enumerate(predictions):
         if not isinstance(p, str):
-            raise ValueError(f"{name}: prediction {i} must be a string, got {type(p).__name__}")
+            raise TypeError(f"{name}: prediction {i} must be a string, got {type(p).__name__}")
     return _as_reference_lists(references)
 
 
@@ -398,13 +398,14 @@ def score(name: str, predictions: Sequence[str], references: Sequence[Reference]
             Keyword arguments the metric does not take are ignored for ``None`` values only.
 
     Returns:
-        The score in [0, 1], higher is better.
+        The score in [0, 1], higher is better (clamped: FENSE's mean cosine can dip below 0, and
+        results.schema.json holds scores in [0, 1]).
 
     Raises:
         ConfigError: unknown metric, unknown or missing metric argument.
         DataError: no samples.
         ModelError: FENSE/DATE without their models.
-        ValueError: predictions and references do not pair up (a caller's bug).
+        ValueError, TypeError: predictions and references do not pair up (a caller's bug).
     """
     metric = get_metric(name)
     unknown = sorted(k for k, v in kwargs.items() if k not in metric.kwargs and v is not None)

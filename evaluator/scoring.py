@@ -98,7 +98,7 @@ class Row:
 
 def base_track(track: str) -> str:
     """The leaderboard track a results file feeds: 'A-hidden' -> 'A', 'B' -> 'B'."""
-    return track[: -len(HIDDEN_SUFFIX)] if track.endswith(HIDDEN_SUFFIX) else track
+    return track.removesuffix(HIDDEN_SUFFIX)
 
 
 # --- reading ---------------------------------------------------------------------------------------

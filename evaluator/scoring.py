@@ -173,6 +173,36 @@ def load_many(paths: Sequence[str | Path]) -> list[Results]:
     return results
 
 
+def results_document(
+    *, submission: str, sha256: str, machine: str, track: str, tasks: Iterable[TaskResult], **extra: object
+) -> dict:
+    """The results.json document of one run (what `load_results` reads back).
+
+    Args:
+        submission: the encoder's name; sha256: the submission archive's digest.
+        machine: where it ran (e.g. host name + device), used for the per-task maximum across machines.
+        track: the track run ("A", "A-hidden", "B", "B-hidden", "demo-a", ...).
+        tasks: one result per task; a failed one is written with status "failed", score 0 and its error.
+        **extra: optional top-level fields of the schema (created, evaluator_version, run_key, config).
+
+    Raises:
+        RuntimeError: the document breaks results.schema.json (a bug in the caller, not user input).
+    """
+    rows = []
+    for t in tasks:
+        row = {"task": t.task, "hidden": t.hidden, "metric": t.metric, "score": 0.0 if t.failed else t.score,
+               "n_samples": t.n_samples, "status": "failed" if t.failed else "ok"}
+        if t.error:
+            row["error"] = t.error
+        rows.append(row)
+    document = {"schema_version": 1, "submission": {"name": submission, "sha256": sha256}, "machine": machine,
+                "track": track, "tasks": rows, **extra}
+    problems = schema_errors(document, "results")
+    if problems:
+        raise RuntimeError(f"results document breaks results.schema.json: {'; '.join(problems)}")
+    return document
+
+
 # --- merging and scoring ---------------------------------------------------------------------------
 
 

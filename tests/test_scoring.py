@@ -17,6 +17,7 @@ from evaluator.scoring import (
     load_results,
     merge_machines,
     parse_results,
+    results_document,
     track_score,
 )
 
@@ -174,3 +175,14 @@ class TestReading:
         assert "bad_not_json.json: not valid JSON" in e.value.reasons[0]
         assert "bad_score_range.json: does not match" in e.value.reasons[1] and "maximum of 1" in e.value.reasons[1]
         assert "absent.json: no such file" in e.value.reasons[2]
+
+    def test_results_document_round_trip(self):
+        tasks = [task("t1", 0.75), task("h1", 0.0, True, failed=True)]
+        doc = results_document(submission="enc", sha256="ab" * 32, machine="m1", track="A", tasks=tasks,
+                               evaluator_version="0.1.0")
+        assert doc["tasks"][1] == {"task": "h1", "hidden": True, "metric": "Accuracy", "score": 0.0,
+                                   "n_samples": 10, "status": "failed"}
+        back = parse_results(json.loads(json.dumps(doc)))
+        assert back.tasks == tuple(tasks) and (back.submission, back.track) == ("enc", "A")
+        with pytest.raises(RuntimeError, match="score"):
+            results_document(submission="enc", sha256="x", machine="m", track="A", tasks=[task("t", 1.5)])

@@ -60,7 +60,8 @@ class ExtractionConfig:
     # batching
     batch_clips: int = 16  # most items (clips or windows) per encoder call
     batch_seconds: float = 480.0  # most padded audio per call: longest item (s) x items
-    sort_buffer: int = 512  # clips read ahead and sorted by length before batching
+    sort_buffer: int = 512  # clips read ahead and sorted by length before batching ...
+    buffer_seconds: float = 3600.0  # ... but no more audio than this (s): ~230 MB of float32 at 16 kHz
     shard_bytes: int = 256 << 20  # features (in the store dtype) per shard file
     # output checks
     frame_tolerance: float = 0.1  # allowed |T - duration/hop| as a fraction of duration/hop ...
@@ -72,8 +73,8 @@ class ExtractionConfig:
     def __post_init__(self):
         if self.batch_clips < 1 or self.sort_buffer < 1 or self.shard_bytes < 1:
             raise ConfigError("batch_clips, sort_buffer and shard_bytes must be positive")
-        if not self.batch_seconds > 0:
-            raise ConfigError(f"batch_seconds must be positive, got {self.batch_seconds}")
+        if not (self.batch_seconds > 0 and self.buffer_seconds > 0):
+            raise ConfigError("batch_seconds and buffer_seconds must be positive")
         if not 0 <= self.max_failed_fraction <= 1:
             raise ConfigError(f"max_failed_fraction must be in [0, 1], got {self.max_failed_fraction}")
         if self.max_consecutive_failures < 1:
@@ -290,6 +291,7 @@ def extract(
     run = _Run(runtime, store, manifest, config, progress)
     seen: set[str] = set()
     buffer: list[tuple[int, ClipLike]] = []
+    buffered = 0.0  # audio-seconds in the buffer
     try:
         for ordinal, clip in enumerate(clips):
             if clip.key in seen:
@@ -299,9 +301,10 @@ def extract(
                 run.skip(clip)
                 continue
             buffer.append((ordinal, clip))
-            if len(buffer) >= config.sort_buffer:
+            buffered += len(clip.audio) / SAMPLE_RATE
+            if len(buffer) >= config.sort_buffer or buffered >= config.buffer_seconds:
                 run.encode_buffer(buffer)
-                buffer = []
+                buffer, buffered = [], 0.0
         if buffer:
             run.encode_buffer(buffer)
             buffer = []
@@ -335,7 +338,6 @@ class _Run:
         self.pending: list[PendingClip] = []
         self.pending_failures: list[Failure] = []
         self.pending_bytes = 0
-        self.itemsize = np.dtype(store.key.dtype).itemsize
         self.encoded = self.windowed = self.streak = self.count = 0
         self.seconds = 0.0
         self.done_seconds = 0.0
@@ -378,8 +380,9 @@ class _Run:
         self.encoded += 1
         if len(window_bounds(len(wave), self.store.key.window_seconds)) > 1:
             self.windowed += 1
-        self.pending.append(PendingClip(clip.key, ordinal, res, seconds, tuple(clip.targets)))
-        self.pending_bytes += res.size * self.itemsize
+        feats = self.store.cast(clip.key, res)
+        self.pending.append(PendingClip(clip.key, ordinal, feats, seconds, tuple(clip.targets)))
+        self.pending_bytes += feats.nbytes
         if self.pending_bytes >= self.config.shard_bytes:
             self.flush()
 

@@ -351,14 +351,9 @@ class FeatureStore:
             stacked = np.concatenate([p.features for p in clips], axis=0)
         else:
             stacked = np.zeros((0, dim), dtype=np.float32)
-        if dtype == np.float16:
-            peak = float(np.abs(stacked).max()) if stacked.size else 0.0
-            if peak > FLOAT16_MAX:
-                worst = max(clips, key=lambda p: float(np.abs(p.features).max()))
-                raise SubmissionError(
-                    f"features of clip {worst.key} reach {peak:.4g}, beyond float16's range ({FLOAT16_MAX:g})",
-                    reasons=["rescale the encoder's output, or store float32 features (--dtype float32)"],
-                )
+        for p in clips:
+            if p.features.dtype != dtype:
+                self.cast(p.key, p.features)  # refuses values the store dtype cannot hold
         stacked = np.ascontiguousarray(stacked, dtype=dtype)
         npy = self.path / SHARD_DIR / f"{name}.npy"
         sha = _atomic_write_npy(npy, stacked)
@@ -386,6 +381,22 @@ class FeatureStore:
         for f in failures:
             c.failures[f.key] = f
         return info
+
+    def cast(self, clip_key: str, features: np.ndarray) -> np.ndarray:
+        """``features`` in the store dtype (halves what waits in memory for the next shard).
+
+        Raises:
+            SubmissionError: values beyond float16's range (they would be stored as inf).
+        """
+        dtype = np.dtype(self.key.dtype)
+        if dtype == np.float16 and features.dtype != np.float16 and features.size:
+            peak = float(np.abs(features).max())
+            if peak > FLOAT16_MAX:
+                raise SubmissionError(
+                    f"features of clip {clip_key} reach {peak:.4g}, beyond float16's range ({FLOAT16_MAX:g})",
+                    reasons=["rescale the encoder's output, or store float32 features (--dtype float32)"],
+                )
+        return features.astype(dtype, copy=False)
 
     def finalize(self, profile: dict) -> None:
         """Write the merged index, the profile, then the done marker (last)."""

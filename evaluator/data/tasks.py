@@ -130,6 +130,21 @@ def get_track(name: str, *, hidden_config: Path | None = None, data_home: Path |
     raise ConfigError(f"unknown track {name!r}{hint}; known: {', '.join(TRACKS)}, or give XARES-LLM YAML files")
 
 
+def configured_hidden_tracks(hidden_config: Path | None = None) -> tuple[str, ...]:
+    """Hidden track names the hidden config defines (empty when no config is given).
+
+    Raises:
+        ConfigError: the config is unreadable or not a mapping.
+    """
+    config = hidden_config_path(hidden_config)
+    if config is None:
+        return ()
+    index = read_yaml(config)
+    if not isinstance(index, dict):
+        raise ConfigError(f"{config}: expected a mapping of hidden track names (A-hidden, B-hidden) to YAMLs")
+    return tuple(name for name in HIDDEN_TRACKS if name in index)
+
+
 def _hidden_track(name: str, config: Path | None) -> TrackSpec:
     if config is None:
         raise ConfigError(

@@ -1,0 +1,644 @@
+"""Run a container submission's encoder under Docker, hardened, behind the `Runtime` interface.
+
+    with ContainerRuntime(root, manifest, Limits(wall_seconds=120)) as runtime:
+        features = runtime.encode([np.zeros(16000, np.float32)])   # -> [array [T, D]]
+
+One ``encode`` call is one container start (the caller sends many clips per call), in four steps as in
+grand-challenge's executor: *provision* a host folder with ``request.json`` and the WAVs, mounted
+read-only at /input (audio and the request only, never labels) and a size- and file-count-capped tmpfs
+volume for /output; *run* the manifest's entrypoint by image id with the flags of `hardened_flags`;
+*collect* /output with ``get_archive`` and check every byte against the contract; *clean up* the
+containers, the volume and the host folder whatever happened.
+
+Why a keeper container: a tmpfs is the only output cap that really holds on any filesystem, but Docker
+unmounts a tmpfs (and empties a tmpfs volume) when the last container using it stops, so a tiny
+``sleep`` container from the base image holds the volume open until /output is copied out.
+
+The image's ENV, ENTRYPOINT and CMD are ignored: the entrypoint comes from the manifest and every
+variable the image sets is unset (a bare ``KEY`` in the create call), so the container's OCI spec holds
+only our environment. That matters on GPU hosts: NVIDIA Container Toolkit hooks read the spec's
+environment (CVE-2025-23266, ``LD_PRELOAD`` in an image's ENV); GPUs are requested with
+``device_requests``, never with ``NVIDIA_*`` variables. Keep the toolkit >= 1.17.8 anyway: other tools
+on the same host may start images without this care.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path, PurePosixPath
+from typing import Sequence
+
+import numpy as np
+import soundfile as sf
+
+from evaluator.errors import EnvironmentUnavailable, SandboxError, SubmissionError
+from evaluator.resources import schema_errors
+from evaluator.sandbox.base import Limits
+from evaluator.submission.manifest import SAMPLE_RATE, Manifest
+
+log = logging.getLogger(__name__)
+
+KEEPER_IMAGE = "xares/encoder-base:latest"  # holds the /output tmpfs open; built by `make base-image`
+USER = "65534:65534"  # nobody:nogroup
+LABEL = "org.xares-eval.role"  # on every container and volume we create, to find leftovers
+CLEAN_ENV = {  # the whole environment the encoder sees (plus OMP_NUM_THREADS)
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "HOME": "/tmp",
+    "LANG": "C.UTF-8",
+    "PYTHONUNBUFFERED": "1",
+    "PYTHONDONTWRITEBYTECODE": "1",
+    "XARES_INPUT": "/input",
+    "XARES_OUTPUT": "/output",
+}
+RESPONSE_NAME = "response.json"
+REQUEST_NAME = "request.json"
+MAX_RESPONSE_BYTES = 16 << 20  # response.json larger than this is refused unread
+LOG_TAIL_LINES = 200  # lines of the (already size-capped) log read back per run
+HOP_TOLERANCE_FRAMES = 2.0  # |T - seconds*1000/hop| allowed, same rule as the probe ...
+HOP_TOLERANCE_RATIO = 0.02  # ... or this fraction of the expected frames, whichever is larger
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+# --------------------------------------------------------------------------------------------------
+# The hardening flags, in one place. Every container we start (encoder and keeper) gets them.
+
+
+def hardened_flags(*, memory_mb: int, cpus: float, pids: int, tmpfs_mb: int, log_bytes: int) -> dict:
+    """The docker SDK ``containers.create`` keyword arguments that confine a container."""
+    import docker.types
+
+    return dict(
+        network_mode="none",
+        read_only=True,
+        cap_drop=["ALL"],
+        security_opt=["no-new-privileges"],
+        user=USER,
+        init=True,  # docker-init reaps zombies and forwards signals
+        pids_limit=pids,
+        mem_limit=f"{memory_mb}m",
+        memswap_limit=f"{memory_mb}m",  # equal: no swap on top of the RAM limit
+        nano_cpus=int(cpus * 1e9),
+        ipc_mode="private",
+        tmpfs={"/tmp": f"rw,nosuid,nodev,size={tmpfs_mb}m,mode=1777"},
+        ulimits=[docker.types.Ulimit(name="core", soft=0, hard=0)],
+        log_config=docker.types.LogConfig(
+            type="json-file", config={"max-size": str(max(log_bytes, 4096)), "max-file": "1"}
+        ),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# One keyword-only helper per Docker verb.
+
+
+def connect(*, timeout: int = 600):
+    """A docker client for the engine named by DOCKER_HOST (or the local socket).
+
+    Raises:
+        EnvironmentUnavailable: the SDK is missing or no engine answers.
+    """
+    try:
+        import docker
+    except ImportError as e:
+        raise EnvironmentUnavailable("the docker Python SDK is not installed (pip install docker)") from e
+    try:
+        client = docker.from_env(timeout=timeout)
+        client.ping()
+    except Exception as e:  # DockerException, connection refused, permission denied on the socket
+        raise EnvironmentUnavailable(
+            f"no Docker engine answers ({_first_line(e)}); start dockerd (bash docker/ci-docker.sh) "
+            "or make the socket readable for this user"
+        ) from e
+    return client
+
+
+def image_tar_config(tar_path: Path) -> tuple[str, list[str]]:
+    """Read the image id and tags recorded in a ``docker save`` archive, without loading it.
+
+    Returns:
+        (``sha256:<hex>`` of the image config, its repo tags).
+
+    Raises:
+        SubmissionError: not a single-image ``docker save`` archive.
+    """
+    try:
+        with tarfile.open(tar_path) as tar:
+            member = tar.getmember("manifest.json")
+            if not member.isfile() or member.size > 1 << 20:
+                raise SubmissionError(f"{tar_path.name}: manifest.json is not a small regular file")
+            entries = json.loads(tar.extractfile(member).read())
+    except (tarfile.TarError, KeyError, OSError, ValueError) as e:
+        raise SubmissionError(
+            f"{tar_path.name} is not a `docker save` archive ({_first_line(e)}); rebuild it with xares-submit build"
+        ) from e
+    if not isinstance(entries, list) or len(entries) != 1 or not isinstance(entries[0], dict):
+        raise SubmissionError(f"{tar_path.name} must hold exactly one image, found {len(entries)} entries")
+    config = str(entries[0].get("Config", ""))
+    digest = re.fullmatch(r"(?:blobs/sha256/)?([0-9a-f]{64})(?:\.json)?", config)
+    if not digest:
+        raise SubmissionError(f"{tar_path.name}: unexpected image config entry {config!r}")
+    return f"sha256:{digest.group(1)}", list(entries[0].get("RepoTags") or [])
+
+
+def load_image(client, *, tar_path: Path, image_id: str) -> bool:
+    """Make ``image_id`` available from a ``docker save`` archive; load it only when absent.
+
+    Returns:
+        True when this call loaded the image (the caller removes it when done).
+
+    Raises:
+        SubmissionError: the archive holds another image, carries tags, or does not load.
+    """
+    import docker.errors
+
+    found, tags = image_tar_config(tar_path)
+    if found != image_id:
+        raise SubmissionError(
+            f"the image archive holds image {found}, but manifest.json says container.image_id={image_id}; "
+            "rebuild the submission with xares-submit build"
+        )
+    if tags:  # a tagged archive would re-point names on the organizer's engine (e.g. the base image)
+        raise SubmissionError(
+            f"the image archive carries tags {tags}; save the image by id (xares-submit build does)"
+        )
+    try:
+        client.images.get(image_id)
+        return False  # the id is the config digest: same id, same image
+    except docker.errors.ImageNotFound:
+        pass
+    try:
+        with open(tar_path, "rb") as f:
+            loaded = client.images.load(f)
+    except docker.errors.APIError as e:
+        raise SubmissionError(f"docker load refused the image archive: {_first_line(e)}") from e
+    ids = {img.id for img in loaded}
+    if image_id not in ids:
+        for other in ids:
+            remove_image(client, image_id=other)
+        raise SubmissionError(f"docker load gave image(s) {sorted(ids)}, not {image_id}")
+    return True
+
+
+def create_volume(client, *, size_mb: int, max_files: int):
+    """A tmpfs volume owned by the sandbox user, capped in bytes and in files (inodes)."""
+    opts = f"size={size_mb}m,nr_inodes={max_files},uid=65534,gid=65534,mode=0700"
+    return client.volumes.create(
+        driver="local", driver_opts={"type": "tmpfs", "device": "tmpfs", "o": opts}, labels={LABEL: "output"}
+    )
+
+
+def start_container(client, *, image: str, entrypoint: Sequence[str], environment: list[str],
+                    mounts: list, flags: dict, gpu: bool, role: str):
+    """Create and start a container; when the start fails, the container is removed before raising.
+
+    Raises:
+        EnvironmentUnavailable: a GPU was asked for and the engine cannot provide one.
+        SandboxError: the engine refused to start the container.
+    """
+    import docker.errors
+    import docker.types
+
+    extra = {}
+    if gpu:
+        extra["device_requests"] = [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])]
+    container = client.containers.create(
+        image, entrypoint=list(entrypoint), command=[], environment=environment, mounts=mounts,
+        labels={LABEL: role}, detach=True, **flags, **extra,
+    )
+    try:
+        container.start()
+    except docker.errors.APIError as e:
+        remove_container(container)
+        text = _first_line(e)
+        if gpu and re.search(r"device driver|gpu|nvidia", text, re.I):
+            raise EnvironmentUnavailable(
+                f"a GPU was requested (Limits.gpu) but the Docker engine cannot provide one ({text}); "
+                "install the NVIDIA Container Toolkit, or run without a GPU"
+            ) from e
+        raise SandboxError(f"the Docker engine could not start the {role} container: {text}") from e
+    return container
+
+
+def wait_container(container, *, timeout: float) -> int | None:
+    """The exit code, or None when the container still runs after ``timeout`` seconds."""
+    import requests
+
+    try:
+        return int(container.wait(timeout=timeout)["StatusCode"])
+    except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError):
+        return None
+
+
+def container_logs(container, *, max_bytes: int) -> str:
+    """The tail of stdout+stderr (the json-file log is already capped on disk by `hardened_flags`)."""
+    try:
+        raw = container.logs(stdout=True, stderr=True, tail=LOG_TAIL_LINES)
+    except Exception as e:  # the log is a courtesy; never let it hide the real failure
+        return f"(logs unavailable: {_first_line(e)})"
+    return raw[-max_bytes:].decode("utf-8", errors="replace")
+
+
+def copy_out(container, *, path: str, dest: Path, max_bytes: int) -> Path:
+    """Stream ``path`` out of a running container into ``dest/out.tar``, refusing more than ``max_bytes``."""
+    bits, _ = container.get_archive(path)
+    out = dest / "out.tar"
+    written = 0
+    with open(out, "wb") as f:
+        for chunk in bits:
+            written += len(chunk)
+            if written > max_bytes:
+                raise SandboxError(f"/output holds more than {max_bytes >> 20} MiB (Limits.output_mb)")
+            f.write(chunk)
+    return out
+
+
+def remove_container(container) -> None:
+    """Kill and remove; already-gone is fine."""
+    try:
+        container.remove(force=True, v=True)
+    except Exception as e:  # NotFound, or the engine is going away: nothing more we can do
+        log.debug("could not remove container %s: %s", getattr(container, "short_id", "?"), e)
+
+
+def remove_volume(volume) -> None:
+    try:
+        volume.remove(force=True)
+    except Exception as e:
+        log.debug("could not remove volume %s: %s", getattr(volume, "name", "?"), e)
+
+
+def remove_image(client, *, image_id: str) -> None:
+    try:
+        client.images.remove(image_id, force=False, noprune=False)
+    except Exception as e:  # still used by another run: leave it
+        log.debug("could not remove image %s: %s", image_id, e)
+
+
+def user_error(logs: str) -> str:
+    """The last meaningful log line: what a participant needs to see first (grand-challenge style)."""
+    for line in reversed(_ANSI.sub("", logs).splitlines()):
+        line = line.strip()
+        if line and re.search(r"[A-Za-z0-9]", line) and not set(line) <= set("^~ "):
+            return line[:300] + ("..." if len(line) > 300 else "")
+    return ""
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+class ContainerRuntime:
+    """The encoder of a ``kind: container`` submission, run by image id under `hardened_flags`.
+
+    Args:
+        root: the unpacked, verified submission (manifest.json and the image archive).
+        manifest: its manifest (``container.image``, ``container.image_id``, ``container.entrypoint``).
+        limits: resource caps; ``limits.gpu`` asks Docker for every GPU.
+        workdir: where the per-call host folders go (default: the system temp dir).
+        keeper_image: image of the container that holds /output open (the base image).
+        keep_image: leave a freshly loaded image in the engine after `close` (faster re-runs).
+
+    Raises:
+        SubmissionError: no container spec, the archive is missing or holds another image.
+        EnvironmentUnavailable: no Docker engine, or the keeper image is missing.
+    """
+
+    name = "container"
+
+    def __init__(self, root: Path, manifest: Manifest, limits: Limits, *, workdir: Path | None = None,
+                 keeper_image: str = KEEPER_IMAGE, keep_image: bool = False):
+        if manifest.kind != "container" or manifest.container is None:
+            raise SubmissionError("manifest.json has no 'container' section; kind must be 'container'")
+        self.manifest = manifest
+        self.limits = limits
+        self.device = "cuda" if limits.gpu else "cpu"
+        self.calls = 0
+        self.last_log = ""  # capped log tail of the latest run, for --debug output
+        self._workdir = workdir
+        self._keeper_image = keeper_image
+        self._keep_image = keep_image
+        self._loaded = False
+        self._client = connect()
+        try:
+            tar = _payload_file(Path(root), manifest.container.image)
+            self._loaded = load_image(self._client, tar_path=tar, image_id=manifest.container.image_id)
+            image = self._client.images.get(manifest.container.image_id)
+            self._image_env_keys = sorted({e.split("=", 1)[0] for e in image.attrs["Config"].get("Env") or []})
+            self._check_keeper()
+            info = self._client.info()
+        except BaseException:
+            self.close()
+            raise
+        self._swap_limited = bool(info.get("SwapLimit", True))
+        self.isolation = self._describe(self._encoder_flags(), info, verified=False)
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    def encode(self, waves: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Encode a chunk of clips in one container run; see `Runtime.encode`."""
+        clips = [np.ascontiguousarray(w, dtype=np.float32) for w in waves]
+        if not clips:
+            return []
+        for w in clips:
+            if w.ndim != 1 or w.size == 0:
+                raise ValueError(f"encode expects non-empty 1-D clips, got shape {w.shape}")  # our bug
+        self.calls += len(clips)
+        work = Path(tempfile.mkdtemp(prefix="xares-container-", dir=self._workdir))
+        containers, volume = [], None
+        try:
+            items = _write_request(work / "input", clips)
+            volume = create_volume(self._client, size_mb=self.limits.output_mb, max_files=2 * len(clips) + 16)
+            containers.append(self._start_keeper(volume))
+            encoder = self._start_encoder(work / "input", volume)
+            containers.append(encoder)
+            self._run(encoder)
+            out = work / "output"
+            out.mkdir()
+            tar = copy_out(containers[0], path="/output", dest=work,
+                           max_bytes=(self.limits.output_mb << 20) + (8 << 20) + 4096 * len(clips))
+            names = _untar_output(tar, out)
+            return read_response(out, names, items=items, manifest=self.manifest)
+        finally:
+            for c in reversed(containers):
+                remove_container(c)
+            if volume is not None:
+                remove_volume(volume)
+            shutil.rmtree(work, ignore_errors=True)
+
+    def close(self) -> None:
+        client, self._client = getattr(self, "_client", None), None
+        if client is None:
+            return
+        if self._loaded and not self._keep_image:
+            remove_image(client, image_id=self.manifest.container.image_id)
+        client.close()
+
+    def __enter__(self) -> "ContainerRuntime":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- steps --------------------------------------------------------------------------------------
+
+    def _encoder_flags(self) -> dict:
+        lim = self.limits
+        return hardened_flags(memory_mb=lim.memory_mb, cpus=lim.cpus, pids=lim.pids, tmpfs_mb=lim.tmpfs_mb,
+                              log_bytes=lim.log_bytes)
+
+    def _environment(self) -> list[str]:
+        env = dict(CLEAN_ENV, OMP_NUM_THREADS=str(max(1, int(self.limits.cpus))))
+        # A bare KEY unsets the image's variable (moby's ReplaceOrAppendEnvValues), so none leaks in.
+        return [f"{k}={v}" for k, v in env.items()] + [k for k in self._image_env_keys if k not in env]
+
+    def _start_keeper(self, volume):
+        import docker.types
+
+        flags = hardened_flags(memory_mb=32, cpus=0.1, pids=8, tmpfs_mb=1, log_bytes=4096)
+        mount = docker.types.Mount("/output", volume.name, type="volume", no_copy=True)
+        return start_container(self._client, image=self._keeper_image, entrypoint=["sleep", "infinity"],
+                               environment=[f"PATH={CLEAN_ENV['PATH']}"], mounts=[mount], flags=flags,
+                               gpu=False, role="keeper")
+
+    def _start_encoder(self, input_dir: Path, volume):
+        import docker.types
+
+        mounts = [
+            docker.types.Mount("/input", str(input_dir), type="bind", read_only=True),
+            docker.types.Mount("/output", volume.name, type="volume", no_copy=True),
+        ]
+        flags = self._encoder_flags()
+        container = start_container(
+            self._client, image=self.manifest.container.image_id, entrypoint=self.manifest.container.entrypoint,
+            environment=self._environment(), mounts=mounts, flags=flags, gpu=self.limits.gpu, role="encoder",
+        )
+        try:
+            container.reload()
+            self._verify(container.attrs, flags)
+        except BaseException:
+            remove_container(container)
+            raise
+        return container
+
+    def _run(self, container) -> None:
+        """Wait for the encoder; raise with its last log line when it did not exit cleanly."""
+        limit = self.limits.wall_seconds
+        code = wait_container(container, timeout=limit)
+        if code is None:
+            container.kill()
+        self.last_log = container_logs(container, max_bytes=self.limits.log_bytes)
+        last = user_error(self.last_log)
+        said = f"; last log line: {last}" if last else "; it printed nothing"
+        if code is None:
+            raise SandboxError(f"the encoder did not finish within {limit:g} s (Limits.wall_seconds) "
+                               f"and was killed{said}")
+        container.reload()
+        if container.attrs["State"].get("OOMKilled"):
+            raise SandboxError(f"the encoder ran out of memory (limit {self.limits.memory_mb} MiB, "
+                               f"swap included) and was killed{said}")
+        if code != 0:
+            raise SandboxError(f"the encoder exited with code {code}{said}")
+
+    def _check_keeper(self) -> None:
+        import docker.errors
+
+        try:
+            self._client.images.get(self._keeper_image)
+        except docker.errors.ImageNotFound as e:
+            raise EnvironmentUnavailable(
+                f"the Docker runtime needs the {self._keeper_image} image to hold the /output volume; "
+                "build it with `make base-image`"
+            ) from e
+
+    def _verify(self, attrs: dict, flags: dict) -> None:
+        """Check the engine really applied the flags and the clean environment; refuse to run if not."""
+        hc, cfg = attrs["HostConfig"], attrs["Config"]
+        wrong = []
+        if hc.get("NetworkMode") != "none":
+            wrong.append(f"network {hc.get('NetworkMode')}")
+        if not hc.get("ReadonlyRootfs"):
+            wrong.append("root filesystem writable")
+        if [c.upper() for c in hc.get("CapDrop") or []] not in (["ALL"], ["CAP_ALL"]):
+            wrong.append(f"cap-drop {hc.get('CapDrop')}")
+        if "no-new-privileges" not in (hc.get("SecurityOpt") or []):
+            wrong.append("no-new-privileges missing")
+        if cfg.get("User") != USER:
+            wrong.append(f"user {cfg.get('User')!r}")
+        if hc.get("PidsLimit") != flags["pids_limit"]:
+            wrong.append(f"pids limit {hc.get('PidsLimit')}")
+        if hc.get("Memory") != self.limits.memory_mb << 20:
+            wrong.append(f"memory {hc.get('Memory')}")
+        env_keys = {e.split("=", 1)[0] for e in cfg.get("Env") or []}
+        expected = set(CLEAN_ENV) | {"OMP_NUM_THREADS"}
+        if env_keys != expected:
+            wrong.append(f"environment keys {sorted(env_keys ^ expected)} differ from the clean set")
+        if cfg.get("Entrypoint") != list(self.manifest.container.entrypoint) or cfg.get("Cmd"):
+            wrong.append(f"entrypoint {cfg.get('Entrypoint')} cmd {cfg.get('Cmd')}")
+        if wrong:
+            raise EnvironmentUnavailable("the Docker engine did not apply the sandbox settings: " + "; ".join(wrong))
+        self.isolation = self._describe(flags, self._client.info(), verified=True)
+
+    def _describe(self, flags: dict, info: dict, *, verified: bool) -> str:
+        mem = flags["mem_limit"][:-1]
+        swap = "= memory-swap" if self._swap_limited else "(engine lacks swap accounting: swap not capped)"
+        seccomp = "seccomp" if any("seccomp" in s for s in info.get("SecurityOptions") or []) else "no seccomp"
+        return (
+            f"docker {info.get('ServerVersion', '?')} ({info.get('DefaultRuntime', '?')}, {seccomp}): "
+            f"network none, read-only rootfs, cap-drop ALL, no-new-privileges, user {USER}, init, "
+            f"pids<={flags['pids_limit']}, memory {mem} MiB {swap}, cpus {flags['nano_cpus'] / 1e9:g}, "
+            f"/tmp tmpfs {self.limits.tmpfs_mb} MiB, /output tmpfs {self.limits.output_mb} MiB, "
+            f"logs<={self.limits.log_bytes} B, clean env, image by id"
+            + ("" if verified else " (requested; checked on the first run)")
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Provision and collect: the extract protocol (schemas/extract_request|response.schema.json).
+
+
+def _write_request(input_dir: Path, clips: list[np.ndarray]) -> list[dict]:
+    (input_dir / "audio").mkdir(parents=True)
+    items = []
+    for i, wave in enumerate(clips):
+        item_id = f"{i:06d}"
+        rel = f"audio/{item_id}.wav"
+        sf.write(input_dir / rel, wave, SAMPLE_RATE, subtype="FLOAT")
+        items.append({"id": item_id, "path": rel, "num_samples": int(wave.size)})
+    (input_dir / REQUEST_NAME).write_text(
+        json.dumps({"schema_version": 1, "sample_rate": SAMPLE_RATE, "items": items})
+    )
+    # The encoder runs as nobody: it must read these, and nothing else of ours.
+    for p in [input_dir, input_dir / "audio", *input_dir.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    return items
+
+
+def _untar_output(tar_path: Path, out: Path) -> list[str]:
+    """Extract /output's plain files (flat); refuse links, folders, devices and odd names."""
+    names, problems = [], []
+    with tarfile.open(tar_path) as tar:
+        for m in tar:
+            parts = PurePosixPath(m.name).parts
+            rel = "/".join(parts[1:])  # the archive's top folder is "output"
+            if not rel:
+                continue
+            if m.issym() or m.islnk():
+                problems.append(f"/output/{rel} is a link (to {m.linkname!r}); write plain files only")
+            elif m.isdir():
+                problems.append(f"/output/{rel} is a folder; write features flat into /output")
+            elif not m.isfile():
+                problems.append(f"/output/{rel} is not a regular file")
+            elif "/" in rel or not _SAFE_NAME.match(rel):
+                problems.append(f"/output/{rel}: unexpected file name")
+            else:
+                with tar.extractfile(m) as src, open(out / rel, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+                names.append(rel)
+    if problems:
+        raise SandboxError(f"/output breaks the contract: {problems[0]}", reasons=problems)
+    return names
+
+
+def read_response(out: Path, names: list[str], *, items: list[dict], manifest: Manifest) -> list[np.ndarray]:
+    """Check /output against the request and the manifest, and load the features.
+
+    Args:
+        out: host folder holding the copied /output files.
+        names: the file names found there.
+        items: the request items (id, path, num_samples), in clip order.
+        manifest: gives output_dim, output_dtype and frame_hop_ms.
+
+    Returns:
+        One float32 array [T, D] per item, in request order.
+
+    Raises:
+        SandboxError: listing every broken rule (missing, duplicate or extra items and files, wrong
+        shape, dtype or frame count, non-finite values, per-item errors the encoder reported).
+    """
+    if RESPONSE_NAME not in names:
+        raise SandboxError(f"the encoder exited cleanly but wrote no /output/{RESPONSE_NAME}")
+    path = out / RESPONSE_NAME
+    if path.stat().st_size > MAX_RESPONSE_BYTES:
+        raise SandboxError(f"/output/{RESPONSE_NAME} is larger than {MAX_RESPONSE_BYTES >> 20} MiB")
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SandboxError(f"/output/{RESPONSE_NAME} is not valid JSON: {_first_line(e)}") from e
+    problems = schema_errors(doc, "extract_response")
+    if problems:
+        raise SandboxError(f"/output/{RESPONSE_NAME} does not match extract_response.schema.json: {problems[0]}",
+                           reasons=problems)
+    by_id: dict[str, dict] = {}
+    for entry in doc["items"]:
+        if entry["id"] in by_id:
+            problems.append(f"item {entry['id']}: listed twice in {RESPONSE_NAME}")
+        by_id[entry["id"]] = entry
+    wanted = [it["id"] for it in items]
+    problems += [f"item {i}: missing from {RESPONSE_NAME}" for i in wanted if i not in by_id]
+    problems += [f"item {i}: not in the request" for i in by_id if i not in set(wanted)]
+    referenced = {RESPONSE_NAME} | {e["features"] for e in by_id.values() if e["status"] == "ok"}
+    extra = sorted(set(names) - referenced)
+    if extra:
+        problems.append(f"unexpected file(s) in /output: {', '.join(extra[:10])}" + (" ..." if len(extra) > 10 else ""))
+    features = []
+    for it in items:
+        entry = by_id.get(it["id"])
+        if entry is None:
+            continue
+        if entry["status"] != "ok":
+            problems.append(f"item {it['id']}: the encoder reported an error: {entry['error'][:300]}")
+            continue
+        arr, problem = _load_features(out, names, entry, it, manifest)
+        if problem:
+            problems.append(f"item {it['id']}: {problem}")
+        features.append(arr)
+    if problems:
+        raise SandboxError(f"the encoder's output breaks the extract contract: {problems[0]}", reasons=problems)
+    return features
+
+
+def _load_features(out: Path, names: list[str], entry: dict, item: dict, manifest: Manifest):
+    rel = entry["features"]
+    if rel not in names:
+        return None, f"features file {rel!r} is not in /output"
+    try:
+        arr = np.load(out / rel, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        return None, f"{rel} is not a plain .npy array ({_first_line(e)})"
+    if not isinstance(arr, np.ndarray):
+        return None, f"{rel} is an .npz archive, expected one .npy array"
+    if arr.dtype != np.dtype(manifest.output_dtype) or entry["dtype"] != manifest.output_dtype:
+        return None, (f"dtype {arr.dtype} (declared {entry['dtype']}), "
+                      f"manifest output_dtype is {manifest.output_dtype}")
+    if arr.ndim != 2 or arr.shape[1] != manifest.output_dim:
+        return None, f"shape {list(arr.shape)}, expected [T, {manifest.output_dim}] (manifest output_dim)"
+    if list(arr.shape) != list(entry["shape"]):
+        return None, f"shape {list(arr.shape)} but {RESPONSE_NAME} declares {entry['shape']}"
+    expected = item["num_samples"] * 1000.0 / (SAMPLE_RATE * manifest.frame_hop_ms)
+    tolerance = max(HOP_TOLERANCE_FRAMES, HOP_TOLERANCE_RATIO * expected)
+    if arr.shape[0] < 1 or abs(arr.shape[0] - expected) > tolerance:
+        return None, (f"{arr.shape[0]} frames for {item['num_samples'] / SAMPLE_RATE:g} s, expected about "
+                      f"{expected:.0f} at frame_hop_ms={manifest.frame_hop_ms:g}")
+    if not np.isfinite(arr).all():
+        bad = int(arr.size - np.isfinite(arr).sum())
+        return None, f"{bad} NaN or infinite value(s)"
+    return arr.astype(np.float32, copy=False), None
+
+
+def _payload_file(root: Path, rel: str) -> Path:
+    path = root / rel
+    if PurePosixPath(rel).is_absolute() or ".." in PurePosixPath(rel).parts or path.is_symlink():
+        raise SubmissionError(f"container.image {rel!r} must be a plain path inside the submission")
+    if not path.is_file():
+        raise SubmissionError(f"container.image {rel!r} is not in the submission")
+    return path
+
+
+def _first_line(e: BaseException) -> str:
+    text = (str(e).strip() or type(e).__name__).splitlines()
+    return text[0][:500] if text else type(e).__name__

@@ -32,14 +32,17 @@ import resource
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from evaluator.errors import ConfigError, DataError, SandboxError
 from evaluator.features import Failure, FeatureStore, PendingClip
-from evaluator.sandbox.base import Runtime
-from evaluator.submission.manifest import SAMPLE_RATE, Manifest
+from evaluator.submission.manifest import SAMPLE_RATE
+
+if TYPE_CHECKING:  # types only: extraction needs no sandbox or submission code at run time
+    from evaluator.sandbox.base import Runtime
+    from evaluator.submission.manifest import Manifest
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 MAX_REASONS = 5  # failure reasons repeated in an error message

@@ -450,3 +450,30 @@ class TestExtractCommand:
         junk.write_bytes(b"this is not a tar")
         bad = self.run(junk, "--data", f"{shards}/part_*.tar.gz", "--out", tmp_path / "f")
         assert bad.exit_code == 1 and "not a readable tar" in bad.output
+
+    @pytest.mark.slow
+    def test_the_baseline_template_end_to_end(self, tmp_path, shards):
+        """The real baseline (log-mel, exported from submission_template/onnx by xares-submit build)."""
+        import io
+        import json
+
+        import soundfile as sf
+
+        from evaluator.data.shards import write_shard
+        from evaluator.resources import template_dir
+        from evaluator.submission import BuildOptions, build
+
+        tar = build(template_dir() / "onnx", tmp_path / "baseline.tar", BuildOptions(team="tests")).output
+        long = io.BytesIO()  # 70 s: encoded as three windows of 23.3 s (max_audio_seconds = 30)
+        sf.write(long, 0.1 * np.random.default_rng(0).standard_normal(70 * SR).astype(np.float32), SR,
+                 format="WAV", subtype="FLOAT")
+        write_shard(shards / "long.tar.gz", [("big.wav", long.getvalue()), ("big.json", json.dumps({"label": "x"}).encode())])
+        out = tmp_path / "features"
+        first = self.run(tar, "--data", f"{shards}/*.tar.gz", "--out", out, "--spot-check", "0.2")
+        assert first.exit_code == 0, first.output
+        assert "10 stored, 0 failed" in first.output and "1 long clips in windows" in first.output
+        (store,) = FeatureStore.scan(out)
+        big = store.entries["long.tar.gz/big"]
+        assert store.dim == 80 and abs(big.frames - 70 * 50) <= 3
+        second = self.run(tar, "--data", f"{shards}/*.tar.gz", "--out", out)
+        assert second.exit_code == 0 and "encoder calls: 0" in second.output

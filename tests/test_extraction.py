@@ -451,6 +451,19 @@ class TestExtractCommand:
         bad = self.run(junk, "--data", f"{shards}/part_*.tar.gz", "--out", tmp_path / "f")
         assert bad.exit_code == 1 and "not a readable tar" in bad.output
 
+    def test_an_encoder_returning_nan_fails_the_command_with_the_clip(self, tmp_path, models, shards):
+        from evaluator.submission.archive import pack
+
+        stage = tmp_path / "nan-stage"
+        stage.mkdir()
+        (stage / "model.onnx").write_bytes(models["nan"].read_bytes())
+        pack(stage, make_manifest(), tmp_path / "nan.tar")
+        result = self.run(tmp_path / "nan.tar", "--data", f"{shards}/part_*.tar.gz", "--out", tmp_path / "f")
+        assert result.exit_code == 1 and "Traceback" not in result.output
+        assert "error: the encoder's output for clip part_00000" in result.output and "NaN" in result.output
+        (store,) = FeatureStore.scan(tmp_path / "f")
+        assert not store.complete and not store.entries  # nothing half-done is taken for features
+
     @pytest.mark.slow
     def test_the_baseline_template_end_to_end(self, tmp_path, shards):
         """The real baseline (log-mel, exported from submission_template/onnx by xares-submit build)."""

@@ -471,8 +471,9 @@ def spot_check(
         store: the store to check (complete or not).
         manifest: for the output checks.
         fraction: share of stored clips to re-extract; or
-        n: number of clips to re-extract.
-        seed: picks the subset (`sample_keys`).
+        n: number of clips to re-extract; with neither, every stored clip in ``clips_by_key`` is
+            re-extracted (for callers that picked the sample with `sample_keys` and loaded only it).
+        seed: picks the subset (`sample_keys`) when fraction or n is given.
         rtol, atol: tolerance, see above.
         config: batching and output checks.
 
@@ -485,7 +486,12 @@ def spot_check(
         DataError: a sampled key is missing from ``clips_by_key``.
     """
     start, calls0 = time.monotonic(), runtime.calls
-    keys = sample_keys(store, fraction=fraction, n=n, seed=seed)
+    if fraction is None and n is None:  # the caller sampled already (sample_keys) and passed just those clips
+        keys = sorted(k for k in clips_by_key if k in store.entries)
+        if not keys:
+            raise DataError("spot check: none of the clips given is in the feature store")
+    else:
+        keys = sample_keys(store, fraction=fraction, n=n, seed=seed)
     missing = [k for k in keys if k not in clips_by_key]
     if missing:
         raise DataError(f"spot check: {len(missing)} sampled clips are not in the data given (e.g. {missing[0]!r})")

@@ -338,6 +338,10 @@ class TestSpotCheck:
         assert report.max_abs_diff < 1e-2
         assert list(report.checked) == sample_keys(store, fraction=0.25, seed=3)  # seeded
         assert sample_keys(store, n=4, seed=4) != sample_keys(store, n=4, seed=3)
+        # a caller that sampled itself passes only those clips, and all of them are checked
+        wanted = sample_keys(store, n=3, seed=9)
+        again = spot_check(rt, {c.key: c for c in clips if c.key in wanted}, store, manifest)
+        assert list(again.checked) == wanted and again.encoder_calls == 3
 
     def test_an_encoder_that_changes_when_measured_fails(self, tmp_path, models):
         clips, manifest = make_clips(8), make_manifest()

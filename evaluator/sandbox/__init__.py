@@ -8,10 +8,13 @@ runs in onnxruntime (`evaluator.sandbox.onnx_runtime`), a container image under 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from evaluator.errors import SubmissionError
 from evaluator.sandbox.base import Limits, Runtime
-from evaluator.submission.manifest import Manifest
+
+if TYPE_CHECKING:  # evaluator.submission imports this package: no runtime import back
+    from evaluator.submission.manifest import Manifest
 
 __all__ = ["Limits", "Runtime", "open_runtime"]
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import math
+import re
 import threading
 from pathlib import Path
 from typing import Sequence
@@ -144,7 +145,7 @@ class OnnxRuntime:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = max(1, int(limits.cpus))
         opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3  # errors only: onnxruntime's warnings are not the participant's problem
+        opts.log_severity_level = 4  # fatal only: failures come back as exceptions, reported once
         providers = ["CPUExecutionProvider"]
         if limits.gpu:
             if not cuda_usable():
@@ -153,7 +154,7 @@ class OnnxRuntime:
         try:
             self._session = ort.InferenceSession(str(model_path), sess_options=opts, providers=providers)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
-            raise SubmissionError(f"onnxruntime cannot load {self.spec.model}: {_first_line(e)}") from e
+            raise SubmissionError(f"onnxruntime cannot load {self.spec.model}: {error_line(e)}") from e
         first = self._session.get_providers()[0]
         if limits.gpu and first != "CUDAExecutionProvider":
             raise EnvironmentUnavailable(f"a GPU was requested but onnxruntime fell back to {first}")
@@ -256,6 +257,7 @@ class OnnxRuntime:
         import onnxruntime as ort
 
         run_options = ort.RunOptions()
+        run_options.log_severity_level = 4
         timed_out = threading.Event()
 
         def stop():
@@ -273,7 +275,7 @@ class OnnxRuntime:
                     f"the encoder ran past the {self.limits.wall_seconds:g} s wall-clock limit on a batch of "
                     f"{len(next(iter(feed.values())))} clip(s) ({seconds:.1f} s of audio)"
                 ) from e
-            raise SandboxError(f"the encoder failed on a batch of {seconds:.1f} s of audio: {_first_line(e)}") from e
+            raise SandboxError(f"the encoder failed on a batch of {seconds:.1f} s of audio: {error_line(e)}") from e
         finally:
             timer.cancel()
 
@@ -321,10 +323,14 @@ class OnnxRuntime:
         self.close()
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    return lines[0][:500] if lines else text[:500]
+def error_line(e: BaseException, limit: int = 300) -> str:
+    """The informative part of an onnxruntime error, on one line."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    node = re.search(r"running (\w+) node\..*?Status Message: (.*)", text)
+    if node:  # drop onnxruntime's source location and C++ signature, keep the op and the message
+        text = f"{node.group(1)} node failed: " + re.sub(r"^.*? was false\. ", "", node.group(2))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def expected_frames(n_samples: int, frame_hop_ms: float) -> int:

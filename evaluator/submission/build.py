@@ -206,7 +206,10 @@ def _stage_torch(folder, staging, partial, reasons, notes, extra, step) -> dict:
     notes.append(f"model.onnx exported from {result.class_name} with the {result.exporter} exporter")
     derived = {"kind": "onnx", "output_dim": result.output_dim, "onnx": _spec_dict(result.onnx)}
     if "frame_hop_ms" not in partial:
-        hop, _, _ = measure_output(model, result.onnx)
+        try:
+            hop, _, _ = measure_output(model, result.onnx)
+        except SubmissionError as e:  # report it with what the export already found
+            raise SubmissionError("the encoder fails the contract; nothing was written", reasons=[*reasons, str(e)]) from e
         _set_hop(derived, hop, notes, reasons)
     return derived
 

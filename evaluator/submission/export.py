@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from evaluator.errors import SubmissionError
+from evaluator.sandbox.onnx_runtime import error_line
 from evaluator.submission.manifest import SAMPLE_RATE, OnnxSpec
 
 log = logging.getLogger(__name__)
@@ -153,7 +154,12 @@ def _export(wrapper, audio, mask, out: Path, output_names: list[str]) -> str:
                 input_names=[AUDIO_INPUT, MASK_INPUT], output_names=output_names,
                 dynamic_shapes={"audio": {0: batch, 1: samples}, "audio_attention_mask": {0: batch, 1: samples}},
             )
-            return "dynamo"
+            fixed = _fixed_input_axes(out)
+            if not fixed:
+                return "dynamo"
+            # A Python int taken from a shape (len(audio), .item()) silently specialises the graph.
+            errors.append(f"dynamo exporter: fixed input shapes {fixed}")
+            log.info("dynamo export fixed the input shapes %s, trying the TorchScript exporter", fixed)
         except Exception as e:  # the exporters raise many unrelated types
             errors.append(f"dynamo exporter: {_last_line(e)}")
             log.info("dynamo export failed, trying the TorchScript exporter", exc_info=True)
@@ -169,6 +175,12 @@ def _export(wrapper, audio, mask, out: Path, output_names: list[str]) -> str:
         except Exception as e:
             errors.append(f"TorchScript exporter: {_last_line(e)}")
     raise SubmissionError("torch.onnx could not export the encoder", reasons=errors)
+
+
+def _fixed_input_axes(model: Path) -> dict[str, list]:
+    """Inputs whose batch or time axis came out as a fixed number instead of a symbol."""
+    sess = _session(model)
+    return {i.name: list(i.shape) for i in sess.get_inputs() if any(isinstance(d, int) for d in i.shape)}
 
 
 @contextlib.contextmanager
@@ -221,7 +233,16 @@ def export_encoder(encoder_py: Path, out: Path) -> ExportResult:
     with_mask = fmask1 is not None
     output_names = [FEATURES_OUTPUT] + ([MASK_OUTPUT] if with_mask else [])
     exporter = _export(_wrap(encoder, with_mask), audio, mask, Path(out), output_names)
-    spec = inspect_onnx(Path(out))
+    inputs = {i.name for i in _session(Path(out)).get_inputs()}
+    if AUDIO_INPUT not in inputs:  # the exporter drops inputs the graph never reads
+        raise SubmissionError(
+            f"{name}'s exported graph does not read the audio (only its shape, as a constant?)",
+            reasons=[*reasons, "export: the ONNX model has no audio input"],
+        )
+    spec = OnnxSpec(
+        model=Path(out).name, audio_input=AUDIO_INPUT, features_output=FEATURES_OUTPUT,
+        mask_input=MASK_INPUT if MASK_INPUT in inputs else None, mask_output=MASK_OUTPUT if with_mask else None,
+    )
 
     diff = None
     if deterministic:
@@ -251,11 +272,11 @@ def _session(model: Path):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # fatal only: failures come back as exceptions
     try:
         return ort.InferenceSession(str(model), sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as e:
-        raise SubmissionError(f"onnxruntime cannot load {model.name}: {_last_line(e)}") from e
+        raise SubmissionError(f"onnxruntime cannot load {model.name}: {error_line(e)}") from e
 
 
 def inspect_onnx(model: Path, declared: dict | None = None) -> OnnxSpec:
@@ -299,7 +320,7 @@ def run_onnx(model: Path, spec: OnnxSpec, audio: np.ndarray, mask: np.ndarray):
     try:
         out = sess.run(names, feed)
     except Exception as e:
-        raise SubmissionError(f"{model.name} failed on a padded batch: {_last_line(e)}") from e
+        raise SubmissionError(f"{model.name} failed on a padded batch: {error_line(e)}") from e
     return out[0], (out[1] if spec.mask_output else None)
 
 

@@ -153,8 +153,13 @@ def _encode(runtime: Runtime, waves: list[np.ndarray], failures: dict[str, list[
 
 
 def _max_rel_diff(a: np.ndarray, b: np.ndarray) -> float:
-    scale = max(float(np.max(np.abs(a))) if a.size else 0.0, 1e-6)
-    return float(np.max(np.abs(a.astype(np.float64) - b))) / scale if a.size else 0.0
+    """Largest |a - b| relative to the largest |a| (NaNs are the 'finite' check's business)."""
+    if not a.size:
+        return 0.0
+    with np.errstate(invalid="ignore"):
+        scale = max(float(np.nanmax(np.abs(a))) if np.isfinite(a).any() else 0.0, 1e-6)
+        diff = np.abs(a.astype(np.float64) - b)
+        return float(np.nanmax(diff)) / scale if not np.isnan(diff).all() else 0.0
 
 
 def run_probe(runtime: Runtime, manifest: Manifest, config: ProbeConfig = ProbeConfig()) -> ProbeReport:
@@ -213,8 +218,12 @@ def run_probe(runtime: Runtime, manifest: Manifest, config: ProbeConfig = ProbeC
 def _check_runs(failures: dict[str, list[str]]) -> Check:
     if not failures:
         return Check("runs", True, "every call returned one output per clip")
-    parts = [f"{msg} (on {', '.join(whats)})" for msg, whats in failures.items()]
-    return Check("runs", False, "; ".join(parts))
+    calls = sum(len(w) for w in failures.values())
+    (msg, whats), *others = failures.items()
+    detail = f"{calls} call(s) failed; {msg} (on {', '.join(whats[:3])}{', ...' if len(whats) > 3 else ''})"
+    if others:
+        detail += f"; and {len(others)} other error(s), e.g. {others[0][0]}"
+    return Check("runs", False, detail)
 
 
 def _check_shape(outputs: list[np.ndarray], manifest: Manifest) -> Check:

@@ -16,6 +16,7 @@ import glob
 import hashlib
 import logging
 import os
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,6 +174,13 @@ def _download(task: TaskSpec, split: str, files: list[ShardFile], home: Path) ->
         from huggingface_hub import hf_hub_download
     except ImportError as e:  # pragma: no cover - a core dependency of transformers
         raise DataError("huggingface_hub is not installed; cannot download task data") from e
+    unreachable = _unreachable_hub()
+    if unreachable:
+        raise DataError(
+            f"task {task.id}: cannot download {split} shards from {files[0].repo_id}: {unreachable} "
+            "(set HF_HUB_OFFLINE=1 to skip downloads, or copy the files into the data home)",
+            reasons=_listed([f.name for f in files], files[0].repo_id),
+        )
     home.mkdir(parents=True, exist_ok=True)
     for i, f in enumerate(files):
         log.info("downloading %s:%s (%d/%d)", f.repo_id, f.name, i + 1, len(files))
@@ -183,6 +191,7 @@ def _download(task: TaskSpec, split: str, files: list[ShardFile], home: Path) ->
                 repo_type="dataset",
                 local_dir=home,
                 etag_timeout=HF_TIMEOUT_S,
+                endpoint=hub_endpoint(),  # the host the reachability probe checked
             )
         except Exception as e:  # network, auth, 404: all end the same way for the user
             remaining = [g.name for g in files[i:]]
@@ -191,6 +200,32 @@ def _download(task: TaskSpec, split: str, files: list[ShardFile], home: Path) ->
                 f"{type(e).__name__}: {' '.join(str(e).split())[:300]}",
                 reasons=_listed(remaining, f.repo_id),
             ) from e
+
+
+def hub_endpoint() -> str:
+    """The Hugging Face endpoint: ``$HF_ENDPOINT`` read at call time, else huggingface_hub's default."""
+    from huggingface_hub import constants
+
+    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+
+
+def _unreachable_hub() -> str | None:
+    """One quick TCP connect to the hub before any download: huggingface_hub retries a dead host for
+    half a minute per file. Skipped behind a proxy, where a direct connect says nothing."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    from urllib.parse import urlparse
+
+    endpoint = hub_endpoint()
+    url = urlparse(endpoint)
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    if not host:
+        return None
+    try:
+        with socket.create_connection((host, port), timeout=HF_TIMEOUT_S):
+            return None
+    except OSError as e:
+        return f"{endpoint} is unreachable ({e.strerror or type(e).__name__})"
 
 
 def _listed(names: tuple[str, ...] | list[str], repo: str | None) -> list[str]:

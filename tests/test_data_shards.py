@@ -1,0 +1,165 @@
+"""The shard reader and audio decoding on shards we write ourselves, broken ones included."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from evaluator.data import Clip, SkipReport, extract_targets, load_audio, read_shard, shard_names, write_shard
+from evaluator.data.xares_yaml import label_keys
+from evaluator.errors import DataError
+
+KEYS = label_keys("label;labels")
+
+
+def audio_bytes(seconds=0.5, sr=16000, channels=1, fmt="WAV", subtype="PCM_16", freq=440.0) -> bytes:
+    t = np.arange(int(seconds * sr)) / sr
+    wave = 0.3 * np.sin(2 * np.pi * freq * t).astype(np.float32)
+    if channels > 1:
+        wave = np.stack([wave] * channels, axis=1)
+    buf = io.BytesIO()
+    sf.write(buf, wave, sr, format=fmt, subtype=subtype)
+    return buf.getvalue()
+
+
+def nan_wav() -> bytes:
+    wave = np.zeros(800, dtype=np.float32)
+    wave[100] = np.nan
+    buf = io.BytesIO()
+    sf.write(buf, wave, 16000, format="WAV", subtype="FLOAT")
+    return buf.getvalue()
+
+
+def label(**kw) -> bytes:
+    return json.dumps(kw).encode()
+
+
+def read(path: Path, keys=KEYS) -> tuple[list[Clip], SkipReport]:
+    report = SkipReport(task="t", split="test")
+    return list(read_shard(path, keys=keys, report=report)), report
+
+
+class TestGoodShards:
+    def test_tar_and_tar_gz(self, tmp_path):
+        members = [("a.wav", audio_bytes()), ("a.json", label(label="dog")), ("b.flac", audio_bytes(fmt="FLAC")),
+                   ("b.json", label(labels="cat"))]
+        for name in ("s.tar", "s.tar.gz"):
+            clips, report = read(write_shard(tmp_path / name, members))
+            assert [c.key for c in clips] == [f"{name}/a", f"{name}/b"]
+            assert [c.targets for c in clips] == [("dog",), ("cat",)]
+            assert report.clips == 2 and report.skipped == 0
+            assert clips[0].audio.dtype == np.float32 and clips[0].audio.shape == (8000,)
+
+    def test_formats_resampled_to_mono_16k(self, tmp_path):
+        cases = {
+            "mp3": audio_bytes(1.0, 44100, 2, "MP3", "MPEG_LAYER_III"),
+            "opus": audio_bytes(1.0, 48000, 1, "OGG", "OPUS"),
+            "ogg": audio_bytes(1.0, 22050, 2, "OGG", "VORBIS"),
+            "flac": audio_bytes(1.0, 8000, 2, "FLAC"),
+        }
+        members = []
+        for ext, data in cases.items():
+            members += [(f"k_{ext}.{ext}", data), (f"k_{ext}.json", label(label=ext))]
+        clips, report = read(write_shard(tmp_path / "f.tar.gz", members))
+        assert report.skipped == 0 and len(clips) == 4
+        for c in clips:
+            assert c.audio.ndim == 1 and c.audio.dtype == np.float32
+            assert abs(len(c.audio) - 16000) < 1200, (c.key, len(c.audio))  # codec priming/padding aside
+            spectrum = np.abs(np.fft.rfft(c.audio[2000:14000]))
+            assert abs(np.argmax(spectrum) * 16000 / 12000 - 440) < 10  # still a 440 Hz tone at 16 kHz
+
+    def test_label_rules(self):
+        keys = label_keys("text;caption;captions;label;labels")
+        assert extract_targets({"captions": ["a dog", "", "a barking dog"]}, keys) == ("a dog", "a barking dog")
+        assert extract_targets({"num_speakers": 3}, label_keys("num_speakers")) == ("3",)
+        assert extract_targets({"label": "", "labels": "b;c"}, keys) == ("b;c",)  # empty value: next key
+        assert extract_targets({"trans": "hi", "text": "other"}, label_keys("trans")) == ("hi",)
+        assert extract_targets({"caption": "fallback"}, label_keys("long")) == ("fallback",)  # default keys
+        assert extract_targets({"label": {"x": 1}}, keys) == ()
+        assert extract_targets(["not", "a", "dict"], keys) == ()
+
+    def test_shard_names_unique(self):
+        paths = [Path("/d/0M0/test_0000-0000000.tar.gz"), Path("/d/000/test_0000-0000000.tar.gz"), Path("/d/x.tar")]
+        assert shard_names(paths) == ["0M0/test_0000-0000000.tar.gz", "000/test_0000-0000000.tar.gz", "x.tar"]
+
+
+class TestBrokenSamples:
+    def test_each_broken_member_is_counted_and_skipped(self, tmp_path):
+        good = audio_bytes()
+        members = [
+            ("ok1.wav", good), ("ok1.json", label(label="yes")),
+            ("badjson.wav", good), ("badjson.json", b"{not json"),
+            ("trunc.wav", good[:30]), ("trunc.json", label(label="x")),
+            ("zero.wav", audio_bytes(0.0)), ("zero.json", label(label="x")),
+            ("nolabel.wav", good), ("nolabel.json", label(other="x")),
+            ("garbage.wav", b"\x00\x01garbage" * 50), ("garbage.json", label(label="x")),
+            ("nojson.wav", good),
+            ("noaudio.json", label(label="x")), ("noaudio.txt", b"hello"),
+            ("nan.wav", nan_wav()),
+            ("nan.json", label(label="x")),
+            ("ok2.wav", good), ("ok2.json", label(labels=["a", "b"])),
+            ("ok1.wav", good), ("ok1.json", label(label="dup")),
+        ]
+        clips, report = read(write_shard(tmp_path / "broken.tar.gz", members))
+        assert [c.key for c in clips] == ["broken.tar.gz/ok1", "broken.tar.gz/ok2"]
+        assert clips[1].targets == ("a", "b")
+        assert dict(report.counts) == {
+            "corrupt member": 1, "unreadable audio": 3, "empty audio": 1, "missing label": 2,
+            "missing audio": 1, "duplicate key": 1,
+        }
+        assert report.clips == 2 and report.skipped == 9
+        summary = report.summary()
+        assert summary.startswith("t/test: 2 clips from 1 shard; skipped 9 (")
+        assert "1 corrupt member" in summary and "3 unreadable audio" in summary
+        assert any("badjson.json" in line for line in report.lines())
+        assert report.to_dict()["counts"]["missing label"] == 2
+
+    def test_truncated_gzip_keeps_what_was_read(self, tmp_path):
+        members = []
+        for i in range(20):
+            members += [(f"k{i:02d}.wav", audio_bytes(0.3, freq=300 + 10 * i)), (f"k{i:02d}.json", label(label=str(i)))]
+        path = write_shard(tmp_path / "t.tar.gz", members)
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+        clips, report = read(path)
+        assert 3 < len(clips) < 20
+        assert [c.targets[0] for c in clips] == [str(i) for i in range(len(clips))]
+        assert report.counts["corrupt shard"] == 1 and "t.tar.gz" in report.examples["corrupt shard"][0]
+        assert "corrupt shard" in report.summary()
+
+    def test_not_a_tar(self, tmp_path):
+        path = tmp_path / "junk.tar.gz"
+        path.write_bytes(gzip.compress(b"this is not a tar archive" * 100))
+        clips, report = read(path)
+        assert clips == [] and report.counts["corrupt shard"] == 1
+        path.write_bytes(b"\x89PNG garbage")
+        clips, report = read(path)
+        assert clips == [] and report.counts["corrupt shard"] == 1
+
+
+class TestLoadAudio:
+    def test_path_and_bytes(self, tmp_path):
+        data = audio_bytes(0.25, 32000, 2)
+        (tmp_path / "a.wav").write_bytes(data)
+        a, b = load_audio(tmp_path / "a.wav"), load_audio(data)
+        assert a.shape == b.shape == (4000,) and np.allclose(a, b)
+
+    def test_unreadable_raises_data_error(self):
+        with pytest.raises(DataError, match="not decodable audio"):
+            load_audio(b"nope", name="x.wav")
+
+    def test_empty_is_empty(self):
+        assert load_audio(audio_bytes(0.0)).size == 0
+
+
+def test_write_shard_is_reproducible(tmp_path):
+    members = [("a.wav", audio_bytes()), ("a.json", label(label="x"))]
+    one = write_shard(tmp_path / "1.tar.gz", members).read_bytes()
+    two = write_shard(tmp_path / "2.tar.gz", members).read_bytes()
+    assert one == two

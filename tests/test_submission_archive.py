@@ -16,9 +16,17 @@ from evaluator.submission.archive import UnpackLimits, pack, safe_unpack, verify
 from evaluator.submission.manifest import Manifest
 
 MANIFEST = {
-    "schema_version": 1, "name": "tiny", "team": "tests", "kind": "onnx", "sample_rate": 16000,
-    "output_dim": 8, "frame_hop_ms": 20, "max_audio_seconds": 30, "output_dtype": "float32",
-    "onnx": {"model": "model.onnx", "audio_input": "audio", "features_output": "features"}, "files": [],
+    "schema_version": 1,
+    "name": "tiny",
+    "team": "tests",
+    "kind": "onnx",
+    "sample_rate": 16000,
+    "output_dim": 8,
+    "frame_hop_ms": 20,
+    "max_audio_seconds": 30,
+    "output_dtype": "float32",
+    "onnx": {"model": "model.onnx", "audio_input": "audio", "features_output": "features"},
+    "files": [],
 }
 
 
@@ -51,10 +59,10 @@ def member(name, data=b"x", **kw):
     return info, (data if kw.get("type", tarfile.REGTYPE) == tarfile.REGTYPE else None)
 
 
-def unpack_refused(tmp_path, archive, limits=UnpackLimits()):
+def unpack_refused(tmp_path, archive, limits=None):
     dest = tmp_path / "dest"
     with pytest.raises(SubmissionError) as e:
-        safe_unpack(archive, dest, limits)
+        safe_unpack(archive, dest, limits or UnpackLimits())
     return " | ".join([str(e.value), *e.value.reasons])
 
 

@@ -17,22 +17,41 @@ from evaluator.submission.probe import ProbeConfig, probe_lengths, run_probe
 FAST = ProbeConfig(max_seconds=3.0)  # same checks, shorter clips
 
 
-def manifest_for(*, dim=8, hop_ms=20.0, mask_input=True, mask_output=True, dtype="float32", **extra) -> Manifest:
-    onnx = {"model": "model.onnx", "audio_input": "audio", "features_output": "features",
-            "mask_input": "audio_attention_mask" if mask_input else None,
-            "mask_output": "frame_mask" if mask_output else None}
-    return Manifest.from_dict({
-        "schema_version": 1, "name": "tiny", "team": "tests", "kind": "onnx", "sample_rate": 16000,
-        "output_dim": dim, "frame_hop_ms": hop_ms, "max_audio_seconds": 30, "output_dtype": dtype,
-        "onnx": onnx, "files": [], **extra,
-    })
+def manifest_for(
+    *, dim=8, hop_ms=20.0, mask_input=True, mask_output=True, dtype="float32", **extra
+) -> Manifest:
+    onnx = {
+        "model": "model.onnx",
+        "audio_input": "audio",
+        "features_output": "features",
+        "mask_input": "audio_attention_mask" if mask_input else None,
+        "mask_output": "frame_mask" if mask_output else None,
+    }
+    return Manifest.from_dict(
+        {
+            "schema_version": 1,
+            "name": "tiny",
+            "team": "tests",
+            "kind": "onnx",
+            "sample_rate": 16000,
+            "output_dim": dim,
+            "frame_hop_ms": hop_ms,
+            "max_audio_seconds": 30,
+            "output_dtype": dtype,
+            "onnx": onnx,
+            "files": [],
+            **extra,
+        }
+    )
 
 
-def start(tmp_path, manifest=None, limits=Limits(), **model):
+def start(tmp_path, manifest=None, limits=None, **model):
     make_onnx(tmp_path / "model.onnx", **model)
     if manifest is None:
-        manifest = manifest_for(mask_input=model.get("mask_input", True), mask_output=model.get("mask_output", True))
-    return open_runtime(tmp_path, manifest, limits)
+        manifest = manifest_for(
+            mask_input=model.get("mask_input", True), mask_output=model.get("mask_output", True)
+        )
+    return open_runtime(tmp_path, manifest, limits or Limits())
 
 
 def failed(report) -> set[str]:
@@ -55,7 +74,9 @@ class TestRuntime:
         make_onnx(tmp_path / "model.onnx")
         from evaluator.sandbox.onnx_runtime import OnnxRuntime
 
-        clips = [np.random.default_rng(i).standard_normal(320 * (i + 1)).astype(np.float32) for i in range(11)]
+        clips = [
+            np.random.default_rng(i).standard_normal(320 * (i + 1)).astype(np.float32) for i in range(11)
+        ]
         with OnnxRuntime(tmp_path, manifest_for(), Limits(), max_batch_items=3) as rt:
             out = rt.encode(clips)
         assert [o.shape[0] for o in out] == list(range(1, 12))
@@ -66,19 +87,20 @@ class TestRuntime:
         assert a.shape == (10, 8) and b.shape == (4, 8)  # ceil(1000 / 320) = 4
 
     def test_declared_hop_too_long_is_refused_not_silently_cut(self, tmp_path):
-        with start(tmp_path, manifest_for(hop_ms=40.0, mask_output=False), mask_output=False) as rt:
-            with pytest.raises(SandboxError, match="frame_hop_ms=40 implies about"):
-                rt.encode([np.ones(32000, np.float32)])
+        m = manifest_for(hop_ms=40.0, mask_output=False)
+        with start(tmp_path, m, mask_output=False) as rt, pytest.raises(SandboxError, match="implies about"):
+            rt.encode([np.ones(32000, np.float32)])
 
     def test_sample_mask_returned_as_frame_mask(self, tmp_path):
-        with start(tmp_path, sample_mask_out=True) as rt:
-            with pytest.raises(SandboxError, match=r"frame mask length 16000 != T = 50"):
-                rt.encode([np.ones(16000, np.float32)])
+        with (
+            start(tmp_path, sample_mask_out=True) as rt,
+            pytest.raises(SandboxError, match=r"length 16000 != T = 50"),
+        ):
+            rt.encode([np.ones(16000, np.float32)])
 
     def test_rank2_output(self, tmp_path):
-        with start(tmp_path, rank2=True) as rt:
-            with pytest.raises(SandboxError, match=r"rank 3"):
-                rt.encode([np.ones(16000, np.float32)])
+        with start(tmp_path, rank2=True) as rt, pytest.raises(SandboxError, match=r"rank 3"):
+            rt.encode([np.ones(16000, np.float32)])
 
     def test_dtype_and_names_checked_at_open(self, tmp_path):
         with pytest.raises(SubmissionError) as e:
@@ -134,7 +156,15 @@ class TestProbe:
         assert report.ok, report.reasons
         assert report.frames[-1] == 150 and report.seconds_per_audio_second > 0
         assert {c.name for c in report.checks} == {
-            "runs", "shape", "finite", "frame_rate", "padding", "deterministic", "speed", "memory"}
+            "runs",
+            "shape",
+            "finite",
+            "frame_rate",
+            "padding",
+            "deterministic",
+            "speed",
+            "memory",
+        }
         assert report.to_dict()["ok"] is True
 
     @pytest.mark.parametrize(

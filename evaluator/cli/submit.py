@@ -38,9 +38,16 @@ Examples:
 """,
 )
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--kind", type=click.Choice(["onnx", "container"]), default="onnx", show_default=True,
-              help="onnx: a torch *Encoder exported to ONNX (or your own .onnx); container: a Docker image.")
-@click.option("--force", is_flag=True, help="Write into DIRECTORY even if it is not empty (overwrites template files).")
+@click.option(
+    "--kind",
+    type=click.Choice(["onnx", "container"]),
+    default="onnx",
+    show_default=True,
+    help="onnx: a torch *Encoder exported to ONNX (or your own .onnx); container: a Docker image.",
+)
+@click.option(
+    "--force", is_flag=True, help="Write into DIRECTORY even if it is not empty (overwrites template files)."
+)
 def init(directory: Path, kind: str, force: bool) -> None:
     """Write a ready-to-edit submission folder to DIRECTORY from the template.
 
@@ -54,7 +61,9 @@ def init(directory: Path, kind: str, force: bool) -> None:
         raise SubmissionError(f"the {kind} template is missing from this installation ({source})")
     if directory.exists() and any(directory.iterdir()) and not force:
         raise click.UsageError(f"{directory} exists and is not empty (use --force to write into it)")
-    shutil.copytree(source, directory, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copytree(
+        source, directory, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+    )
     files = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
     click.echo(f"Wrote the {kind} submission template to {directory}:")
     for f in files:
@@ -75,15 +84,32 @@ DIRECTORY holds one of:
 """,
 )
 @click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("submission.tar"),
-              show_default=True, help="Archive to write (only written when every check passes).")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("submission.tar"),
+    show_default=True,
+    help="Archive to write (only written when every check passes).",
+)
 @click.option("--team", help="Team name (overrides manifest.json; default 'unknown').")
 @click.option("--name", help="Encoder name (overrides manifest.json; default: the folder name).")
-@click.option("--source", type=click.Choice(["auto", "torch", "onnx", "container"]), default="auto",
-              show_default=True, help="What to build from, when the folder holds several.")
-@click.option("--max-size", default=f"{DEFAULT_MAX_BYTES >> 30}G", show_default=True,
-              help="Refuse an archive bigger than this (bytes, or with K/M/G binary units).")
-def build(directory: Path, output: Path, team: str | None, name: str | None, source: str, max_size: str) -> None:
+@click.option(
+    "--source",
+    type=click.Choice(["auto", "torch", "onnx", "container"]),
+    default="auto",
+    show_default=True,
+    help="What to build from, when the folder holds several.",
+)
+@click.option(
+    "--max-size",
+    default=f"{DEFAULT_MAX_BYTES >> 30}G",
+    show_default=True,
+    help="Refuse an archive bigger than this (bytes, or with K/M/G binary units).",
+)
+def build(
+    directory: Path, output: Path, team: str | None, name: str | None, source: str, max_size: str
+) -> None:
     """Build DIRECTORY into a submission archive, after running the organizer's probe on it.
 
     The encoder is exported (torch) or loaded (ONNX) or built (Docker), run on clips from 0.1 s to
@@ -114,8 +140,12 @@ Exit status: 0 valid, 1 invalid (one line per reason), 2 usage error, 3 missing 
 """,
 )
 @click.argument("archive", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Unpack into a temporary folder here (default: the system temp dir); it is always removed.")
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Unpack into a temporary folder here (default: the system temp dir); it is always removed.",
+)
 def validate(archive: Path, workdir: Path | None) -> None:
     """Check ARCHIVE offline with exactly the organizer's checks.
 
@@ -131,7 +161,9 @@ def validate(archive: Path, workdir: Path | None) -> None:
     report = run_validate(archive, ValidateOptions(workdir=workdir), step=_step)
     _print_probe(report.probe)
     m = report.manifest
-    click.echo(f"{archive} is valid: {m.name} by {m.team} ({m.kind}, D={m.output_dim}, {m.frames_per_second:g} frames/s)")
+    click.echo(
+        f"{archive} is valid: {m.name} by {m.team} ({m.kind}, D={m.output_dim}, {m.frames_per_second:g} frames/s)"
+    )
 
 
 def _print_probe(report) -> None:

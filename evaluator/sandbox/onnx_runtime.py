@@ -17,8 +17,8 @@ import logging
 import math
 import re
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -124,7 +124,9 @@ class OnnxRuntime:
         import onnxruntime as ort
 
         if manifest.kind != "onnx" or manifest.onnx is None:
-            raise SubmissionError(f"manifest kind is {manifest.kind!r}; OnnxRuntime runs only 'onnx' submissions")
+            raise SubmissionError(
+                f"manifest kind is {manifest.kind!r}; OnnxRuntime runs only 'onnx' submissions"
+            )
         self.manifest = manifest
         self.limits = limits
         self.spec = manifest.onnx
@@ -149,7 +151,9 @@ class OnnxRuntime:
         providers = ["CPUExecutionProvider"]
         if limits.gpu:
             if not cuda_usable():
-                raise EnvironmentUnavailable("a GPU was requested (Limits.gpu) but no usable CUDA device was found")
+                raise EnvironmentUnavailable(
+                    "a GPU was requested (Limits.gpu) but no usable CUDA device was found"
+                )
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
         try:
             self._session = ort.InferenceSession(str(model_path), sess_options=opts, providers=providers)
@@ -175,7 +179,9 @@ class OnnxRuntime:
         wanted_in = [self.spec.audio_input] + ([self.spec.mask_input] if self.spec.mask_input else [])
         for name in wanted_in:
             if name not in inputs:
-                problems.append(f"input {name!r} named in the manifest is not in the model (it has {sorted(inputs)})")
+                problems.append(
+                    f"input {name!r} named in the manifest is not in the model (it has {sorted(inputs)})"
+                )
         extra = sorted(set(inputs) - set(wanted_in))
         if extra:
             problems.append(f"the model needs inputs the manifest does not name: {extra}")
@@ -189,7 +195,9 @@ class OnnxRuntime:
             problems.append(f"mask input {mask.name!r} is {mask.type}; use bool, int64 or float")
         for name in (self.spec.features_output, self.spec.mask_output):
             if name and name not in outputs:
-                problems.append(f"output {name!r} named in the manifest is not in the model (it has {sorted(outputs)})")
+                problems.append(
+                    f"output {name!r} named in the manifest is not in the model (it has {sorted(outputs)})"
+                )
         feats = outputs.get(self.spec.features_output)
         if feats is not None and feats.type in _ORT_FLOAT_TYPES:
             got = np.dtype(_ORT_FLOAT_TYPES[feats.type])
@@ -199,7 +207,9 @@ class OnnxRuntime:
                     "fix one of them"
                 )
         elif feats is not None:
-            problems.append(f"features output {feats.name!r} is {feats.type}; the contract is float32 or float16")
+            problems.append(
+                f"features output {feats.name!r} is {feats.type}; the contract is float32 or float16"
+            )
         if problems:
             raise SubmissionError("the ONNX model does not match its manifest", reasons=problems)
         self._mask_dtype = _ORT_MASK_TYPES[mask.type] if mask is not None else None
@@ -275,11 +285,15 @@ class OnnxRuntime:
                     f"the encoder ran past the {self.limits.wall_seconds:g} s wall-clock limit on a batch of "
                     f"{len(next(iter(feed.values())))} clip(s) ({seconds:.1f} s of audio)"
                 ) from e
-            raise SandboxError(f"the encoder failed on a batch of {seconds:.1f} s of audio: {error_line(e)}") from e
+            raise SandboxError(
+                f"the encoder failed on a batch of {seconds:.1f} s of audio: {error_line(e)}"
+            ) from e
         finally:
             timer.cancel()
 
-    def _split(self, feats: np.ndarray, frame_mask: np.ndarray | None, lengths: np.ndarray) -> list[np.ndarray]:
+    def _split(
+        self, feats: np.ndarray, frame_mask: np.ndarray | None, lengths: np.ndarray
+    ) -> list[np.ndarray]:
         b = len(lengths)
         if not isinstance(feats, np.ndarray) or feats.ndim != 3:
             shape = getattr(feats, "shape", None)
@@ -293,7 +307,9 @@ class OnnxRuntime:
             raise SandboxError(f"features have D={d}; manifest output_dim is {self.manifest.output_dim}")
         if frame_mask is not None:
             if frame_mask.ndim != 2 or frame_mask.shape[0] != b:
-                raise SandboxError(f"frame mask has shape {frame_mask.shape}; the contract is [B, T] = [{b}, {t}]")
+                raise SandboxError(
+                    f"frame mask has shape {frame_mask.shape}; the contract is [B, T] = [{b}, {t}]"
+                )
             if frame_mask.shape[1] != t:
                 raise SandboxError(
                     f"frame mask length {frame_mask.shape[1]} != T = {t} frames of the features "
@@ -316,7 +332,7 @@ class OnnxRuntime:
     def close(self) -> None:
         self._session = None
 
-    def __enter__(self) -> "OnnxRuntime":
+    def __enter__(self) -> OnnxRuntime:
         return self
 
     def __exit__(self, *exc) -> None:

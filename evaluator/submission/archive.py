@@ -167,7 +167,7 @@ def safe_unpack(archive: Path, dest: Path, limits: UnpackLimits = UnpackLimits()
     archive, dest = Path(archive), Path(dest)
     archive_bytes = max(1, archive.stat().st_size)
     try:
-        tar = tarfile.open(archive, "r:*")
+        tar = tarfile.open(archive, "r:*")  # noqa: SIM115 - closed below; open errors reported apart
     except (tarfile.TarError, EOFError, OSError) as e:
         raise SubmissionError(f"{archive.name} is not a readable tar archive: {e}") from e
     with tar:
@@ -282,7 +282,9 @@ def verify_unpacked(root: Path) -> Manifest:
             continue
         digest = digest_of(rel)
         if digest != entry.sha256:
-            problems.append(f"{rel}: sha256 {digest[:12]}... does not match the manifest's {entry.sha256[:12]}...")
+            problems.append(
+                f"{rel}: sha256 {digest[:12]}... does not match the manifest's {entry.sha256[:12]}..."
+            )
     if sums:
         for rel in sorted(present - {CHECKSUMS_NAME} - set(sums)):
             problems.append(f"{rel}: not listed in {CHECKSUMS_NAME}")

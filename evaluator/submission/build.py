@@ -24,9 +24,9 @@ import platform
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from evaluator.errors import SubmissionError
 from evaluator.sandbox import open_runtime
@@ -172,7 +172,9 @@ def build(
             report = run_probe(runtime, manifest, options.probe)
         reasons += report.reasons
         if reasons:
-            raise SubmissionError(f"{folder.name} fails {len(reasons)} check(s); nothing was written", reasons=reasons)
+            raise SubmissionError(
+                f"{folder.name} fails {len(reasons)} check(s); nothing was written", reasons=reasons
+            )
 
         doc = {
             "schema_version": 1,
@@ -188,8 +190,12 @@ def build(
         manifest = pack(staging, manifest, Path(output), max_bytes=options.max_bytes)
     output = Path(output)
     return BuildResult(
-        output=output, manifest=manifest, probe=report, sha256=sha256_file(output),
-        size=output.stat().st_size, notes=tuple(notes),
+        output=output,
+        manifest=manifest,
+        probe=report,
+        sha256=sha256_file(output),
+        size=output.stat().st_size,
+        notes=tuple(notes),
     )
 
 
@@ -209,7 +215,9 @@ def _stage_torch(folder, staging, partial, reasons, notes, extra, step) -> dict:
         try:
             hop, _, _ = measure_output(model, result.onnx)
         except SubmissionError as e:  # report it with what the export already found
-            raise SubmissionError("the encoder fails the contract; nothing was written", reasons=[*reasons, str(e)]) from e
+            raise SubmissionError(
+                "the encoder fails the contract; nothing was written", reasons=[*reasons, str(e)]
+            ) from e
         _set_hop(derived, hop, notes, reasons)
     return derived
 
@@ -248,14 +256,16 @@ def _stage_container(folder, workdir, staging, partial, step, options) -> dict:
     try:
         from evaluator.submission.container import build_container_payload
     except ImportError as e:
-        raise SubmissionError("container builds are not available in this installation (no container module)") from e
+        raise SubmissionError(
+            "container builds are not available in this installation (no container module)"
+        ) from e
     for key in ("frame_hop_ms", "output_dim"):
         if key not in partial:
             raise SubmissionError(f"a container submission's manifest.json must declare {key}")
     name = options.name or partial.get("name") or _safe_name(folder.name)
     step("Building the container image (docker build, then docker save)")
     info = build_container_payload(folder, workdir / "container", tag=f"xares-submit/{name.lower()}:build")
-    image = Path(info.image)
+    image = Path(info.image_tar)
     if not image.is_absolute():
         image = workdir / "container" / image
     shutil.move(str(image), staging / IMAGE_NAME)
@@ -284,7 +294,11 @@ def _set_hop(derived: dict, hop: float | None, notes: list[str], reasons: list[s
 
 
 def _complete_manifest(folder: Path, partial: dict, derived: dict, options: BuildOptions, notes) -> Manifest:
-    doc = {**DEFAULTS, **derived, **{k: v for k, v in partial.items() if k not in ("files", "onnx", "container")}}
+    doc = {
+        **DEFAULTS,
+        **derived,
+        **{k: v for k, v in partial.items() if k not in ("files", "onnx", "container")},
+    }
     if "onnx" in partial and "onnx" in derived:
         doc["onnx"] = {**derived["onnx"], **partial["onnx"]}
     doc["kind"] = derived["kind"]

@@ -73,9 +73,12 @@ def load_encoder(path: Path):
         sys.path.remove(str(path.parent))
         sys.modules.pop(name, None)
     classes = [
-        obj for obj in vars(module).values()
-        if inspect.isclass(obj) and issubclass(obj, torch.nn.Module)
-        and obj.__name__.endswith("Encoder") and obj.__module__ == name
+        obj
+        for obj in vars(module).values()
+        if inspect.isclass(obj)
+        and issubclass(obj, torch.nn.Module)
+        and obj.__name__.endswith("Encoder")
+        and obj.__module__ == name
     ]
     if len(classes) != 1:
         found = ", ".join(c.__name__ for c in classes) or "none"
@@ -86,7 +89,9 @@ def load_encoder(path: Path):
     try:
         encoder = cls()
     except Exception as e:
-        raise SubmissionError(f"{cls.__name__}() failed (it must be constructible without arguments): {e}") from e
+        raise SubmissionError(
+            f"{cls.__name__}() failed (it must be constructible without arguments): {e}"
+        ) from e
     dim = getattr(encoder, "output_dim", None)
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
         raise SubmissionError(f"{cls.__name__}.output_dim must be a positive int (got {dim!r})")
@@ -118,7 +123,9 @@ def _call(encoder, audio: np.ndarray, mask: np.ndarray):
     except Exception as e:
         raise SubmissionError(f"{name}.forward raised {type(e).__name__}: {e}") from e
     if not isinstance(result, (tuple, list)) or len(result) != 2:
-        raise SubmissionError(f"{name}.forward must return (features, mask or None); got {type(result).__name__}")
+        raise SubmissionError(
+            f"{name}.forward must return (features, mask or None); got {type(result).__name__}"
+        )
     feats, fmask = result
     if not isinstance(feats, torch.Tensor) or (fmask is not None and not isinstance(fmask, torch.Tensor)):
         raise SubmissionError(f"{name}.forward must return tensors (features, mask or None)")
@@ -148,11 +155,23 @@ def _export(wrapper, audio, mask, out: Path, output_names: list[str]) -> str:
     errors = []
     with _quiet():
         try:
-            batch, samples = torch.export.Dim("batch"), torch.export.Dim("samples", min=2, max=3600 * SAMPLE_RATE)
+            batch, samples = (
+                torch.export.Dim("batch"),
+                torch.export.Dim("samples", min=2, max=3600 * SAMPLE_RATE),
+            )
             torch.onnx.export(
-                wrapper, args, str(out), dynamo=True, external_data=False, opset_version=OPSET,
-                input_names=[AUDIO_INPUT, MASK_INPUT], output_names=output_names,
-                dynamic_shapes={"audio": {0: batch, 1: samples}, "audio_attention_mask": {0: batch, 1: samples}},
+                wrapper,
+                args,
+                str(out),
+                dynamo=True,
+                external_data=False,
+                opset_version=OPSET,
+                input_names=[AUDIO_INPUT, MASK_INPUT],
+                output_names=output_names,
+                dynamic_shapes={
+                    "audio": {0: batch, 1: samples},
+                    "audio_attention_mask": {0: batch, 1: samples},
+                },
             )
             fixed = _fixed_input_axes(out)
             if not fixed:
@@ -168,11 +187,17 @@ def _export(wrapper, audio, mask, out: Path, output_names: list[str]) -> str:
         try:
             out.unlink(missing_ok=True)
             torch.onnx.export(
-                wrapper, args, str(out), dynamo=False, opset_version=17,
-                input_names=[AUDIO_INPUT, MASK_INPUT], output_names=output_names, dynamic_axes=axes,
+                wrapper,
+                args,
+                str(out),
+                dynamo=False,
+                opset_version=17,
+                input_names=[AUDIO_INPUT, MASK_INPUT],
+                output_names=output_names,
+                dynamic_axes=axes,
             )
             return "torchscript"
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - as above
             errors.append(f"TorchScript exporter: {_last_line(e)}")
     raise SubmissionError("torch.onnx could not export the encoder", reasons=errors)
 
@@ -240,8 +265,11 @@ def export_encoder(encoder_py: Path, out: Path) -> ExportResult:
             reasons=[*reasons, "export: the ONNX model has no audio input"],
         )
     spec = OnnxSpec(
-        model=Path(out).name, audio_input=AUDIO_INPUT, features_output=FEATURES_OUTPUT,
-        mask_input=MASK_INPUT if MASK_INPUT in inputs else None, mask_output=MASK_OUTPUT if with_mask else None,
+        model=Path(out).name,
+        audio_input=AUDIO_INPUT,
+        features_output=FEATURES_OUTPUT,
+        mask_input=MASK_INPUT if MASK_INPUT in inputs else None,
+        mask_output=MASK_OUTPUT if with_mask else None,
     )
 
     diff = None
@@ -251,17 +279,29 @@ def export_encoder(encoder_py: Path, out: Path) -> ExportResult:
             reasons.append(f"export: ONNX features have shape {onnx_feats.shape}, torch gave {feats1.shape}")
         else:
             scale = max(float(np.nanmax(np.abs(feats1))) if feats1.size else 0.0, 1e-6)
-            diff = float(np.nanmax(np.abs(onnx_feats.astype(np.float64) - feats1))) / scale if feats1.size else 0.0
+            diff = (
+                float(np.nanmax(np.abs(onnx_feats.astype(np.float64) - feats1))) / scale
+                if feats1.size
+                else 0.0
+            )
             if diff > EXPORT_RTOL:
                 reasons.append(
                     f"export: ONNX features differ from torch by {diff:.2g} (relative): an operation is not "
                     "exported faithfully; simplify it or export the ONNX yourself"
                 )
-            if with_mask and onnx_mask is not None and not np.array_equal(onnx_mask.astype(bool), fmask1.astype(bool)):
+            if (
+                with_mask
+                and onnx_mask is not None
+                and not np.array_equal(onnx_mask.astype(bool), fmask1.astype(bool))
+            ):
                 reasons.append("export: the ONNX frame mask differs from torch's")
     return ExportResult(
-        class_name=name, output_dim=int(encoder.output_dim), onnx=spec, exporter=exporter,
-        max_rel_diff=diff, reasons=tuple(reasons),
+        class_name=name,
+        output_dim=int(encoder.output_dim),
+        onnx=spec,
+        exporter=exporter,
+        max_rel_diff=diff,
+        reasons=tuple(reasons),
     )
 
 
@@ -291,12 +331,12 @@ def inspect_onnx(model: Path, declared: dict | None = None) -> OnnxSpec:
     sess = _session(model)
     inputs = [i.name for i in sess.get_inputs()]
     outputs = [o.name for o in sess.get_outputs()]
-    if not 1 <= len(inputs) <= 2 or not 1 <= len(outputs) <= 2:
-        if not {"audio_input", "features_output"} <= set(declared):
-            raise SubmissionError(
-                f"{model.name} has inputs {inputs} and outputs {outputs}; the contract is audio [+ mask] in, "
-                "features [+ mask] out: name them in manifest.json's onnx object"
-            )
+    odd = not 1 <= len(inputs) <= 2 or not 1 <= len(outputs) <= 2
+    if odd and not {"audio_input", "features_output"} <= set(declared):
+        raise SubmissionError(
+            f"{model.name} has inputs {inputs} and outputs {outputs}; the contract is audio [+ mask] in, "
+            "features [+ mask] out: name them in manifest.json's onnx object"
+        )
     guess = {
         "audio_input": inputs[0],
         "mask_input": inputs[1] if len(inputs) > 1 else None,
@@ -313,8 +353,10 @@ def run_onnx(model: Path, spec: OnnxSpec, audio: np.ndarray, mask: np.ndarray):
     feed = {spec.audio_input: audio}
     if spec.mask_input:
         mtype = next(i.type for i in sess.get_inputs() if i.name == spec.mask_input)
-        feed[spec.mask_input] = mask.astype(bool) if mtype == "tensor(bool)" else mask.astype(
-            np.float32 if "float" in mtype else np.int64
+        feed[spec.mask_input] = (
+            mask.astype(bool)
+            if mtype == "tensor(bool)"
+            else mask.astype(np.float32 if "float" in mtype else np.int64)
         )
     names = [spec.features_output] + ([spec.mask_output] if spec.mask_output else [])
     try:
@@ -339,8 +381,11 @@ def measure_output(model: Path, spec: OnnxSpec, seconds=(2.0, 6.0)) -> tuple[flo
         feats, fmask = run_onnx(model, spec, audio, mask)
         if feats.ndim != 3:
             raise SubmissionError(f"features have shape {feats.shape}; the contract is [B, T, D]")
-        counts.append(int(fmask.astype(bool).sum()) if fmask is not None and fmask.shape == feats.shape[:2]
-                      else feats.shape[1])
+        counts.append(
+            int(fmask.astype(bool).sum())
+            if fmask is not None and fmask.shape == feats.shape[:2]
+            else feats.shape[1]
+        )
         dim, dtype = int(feats.shape[2]), str(feats.dtype)
     if counts[1] <= counts[0]:
         return None, dim, dtype

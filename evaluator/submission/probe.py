@@ -92,7 +92,7 @@ def probe_lengths(manifest: Manifest, config: ProbeConfig) -> list[float]:
 
 def probe_audio(seconds: float, seed: int) -> np.ndarray:
     """A reproducible test clip: tones, noise and a silent stretch, peak about 0.5."""
-    n = max(1, int(round(seconds * SAMPLE_RATE)))
+    n = max(1, round(seconds * SAMPLE_RATE))
     rng = np.random.default_rng(seed)
     t = np.arange(n) / SAMPLE_RATE
     wave = 0.25 * np.sin(2 * np.pi * (220 + 180 * np.sin(2 * np.pi * 0.5 * t)) * t)
@@ -121,8 +121,10 @@ class _PeakMemory:
         pass
 
     def peak_mb(self) -> float | None:
-        if self._own is not None:  # a container reports its own cgroup peak
+        if self._own is not None:  # a runtime in another process reports its own peak
             return self._own()
+        if getattr(self.runtime, "name", "") != "onnx":  # this process' memory says nothing about a container
+            return None
         peak = _status_mb("VmHWM")
         if peak is None or self.start is None:
             return None
@@ -146,8 +148,11 @@ def _encode(runtime: Runtime, waves: list[np.ndarray], failures: dict[str, list[
         failures.setdefault(str(e), []).append(what)
         return None
     if not isinstance(out, list) or len(out) != len(waves):
-        failures.setdefault(f"returned {len(out) if isinstance(out, list) else type(out).__name__} results "
-                            f"for {len(waves)} clip(s)", []).append(what)
+        failures.setdefault(
+            f"returned {len(out) if isinstance(out, list) else type(out).__name__} results "
+            f"for {len(waves)} clip(s)",
+            [],
+        ).append(what)
         return None
     return [np.asarray(o) for o in out]
 
@@ -258,8 +263,10 @@ def _check_hop(lengths, alone, manifest: Manifest, config: ProbeConfig) -> Check
             bad.append(f"{o.shape[0]} frames for {s:g} s (expected about {expected:.0f})")
     if bad:
         return Check(
-            "frame_rate", False,
-            f"frame counts do not follow frame_hop_ms={manifest.frame_hop_ms:g}: " + "; ".join(bad)
+            "frame_rate",
+            False,
+            f"frame counts do not follow frame_hop_ms={manifest.frame_hop_ms:g}: "
+            + "; ".join(bad)
             + " — fix frame_hop_ms, or return a frame mask that marks padding frames",
         )
     return Check("frame_rate", True, f"frame counts follow {manifest.frames_per_second:g} frames/s")
@@ -274,17 +281,22 @@ def _check_padding(lengths, alone, batch, config: ProbeConfig) -> Check:
         if ref is None or o.ndim != 2 or ref.ndim != 2:
             continue
         if o.shape != ref.shape:
-            bad.append(f"{lengths[i]:g} s clip: {ref.shape[0]} frames alone, {o.shape[0]} in the padded batch")
+            bad.append(
+                f"{lengths[i]:g} s clip: {ref.shape[0]} frames alone, {o.shape[0]} in the padded batch"
+            )
             continue
         diff = _max_rel_diff(ref, o)
         if diff > config.padding_rtol:
             bad.append(f"{lengths[i]:g} s clip: frames differ by {diff:.2g} (relative) when padded")
     if bad:
         return Check(
-            "padding", False,
+            "padding",
+            False,
             "; ".join(bad) + " — the encoder must ignore padded samples (use audio_attention_mask)",
         )
-    return Check("padding", True, f"padding leaves each clip's frames unchanged (rtol {config.padding_rtol:g})")
+    return Check(
+        "padding", True, f"padding leaves each clip's frames unchanged (rtol {config.padding_rtol:g})"
+    )
 
 
 def _check_repeat(batch1, batch2, config: ProbeConfig) -> Check:
@@ -292,11 +304,14 @@ def _check_repeat(batch1, batch2, config: ProbeConfig) -> Check:
         return Check("deterministic", False, "the repeated batch failed (see 'runs')")
     for a, b in zip(batch1, batch2):
         if a.shape != b.shape:
-            return Check("deterministic", False, f"two runs on the same batch gave shapes {a.shape} and {b.shape}")
+            return Check(
+                "deterministic", False, f"two runs on the same batch gave shapes {a.shape} and {b.shape}"
+            )
         diff = _max_rel_diff(a, b)
         if diff > config.repeat_rtol:
             return Check(
-                "deterministic", False,
+                "deterministic",
+                False,
                 f"two runs on the same audio differ by {diff:.2g} (relative): remove randomness "
                 "(dropout in train mode, random ops) from the encoder",
             )
@@ -315,7 +330,7 @@ def _check_speed(rate: float | None, config: ProbeConfig) -> Check:
 def _check_memory(peak: float | None, manifest: Manifest) -> Check:
     budget = manifest.resources.memory_mb
     if peak is None:
-        return Check("memory", True, "peak memory not measurable on this host")
+        return Check("memory", True, "peak memory not measured for this runtime")
     detail = f"peak {peak:.0f} MiB above the starting level"
     if peak > budget:
         return Check("memory", False, detail + f", over the manifest's resources.memory_mb = {budget}")

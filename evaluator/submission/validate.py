@@ -14,9 +14,9 @@ Example::
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from evaluator.errors import SubmissionError
 from evaluator.sandbox import open_runtime

@@ -32,8 +32,13 @@ class LogMelEncoder(torch.nn.Module):
         self.output_dim = N_MELS
         self.register_buffer("window", torch.hann_window(WIN), persistent=False)
         fbank = mel_filter_bank(
-            num_frequency_bins=N_FFT // 2 + 1, num_mel_filters=N_MELS, min_frequency=0.0,
-            max_frequency=SAMPLE_RATE / 2, sampling_rate=SAMPLE_RATE, norm="slaney", mel_scale="slaney",
+            num_frequency_bins=N_FFT // 2 + 1,
+            num_mel_filters=N_MELS,
+            min_frequency=0.0,
+            max_frequency=SAMPLE_RATE / 2,
+            sampling_rate=SAMPLE_RATE,
+            norm="slaney",
+            mel_scale="slaney",
         )
         self.register_buffer("fbank", torch.from_numpy(fbank).float(), persistent=False)  # [F, M]
 
@@ -45,7 +50,13 @@ class LogMelEncoder(torch.nn.Module):
         # [k*HOP, k*HOP + N_FFT), and clip of n samples owns frames 0 .. ceil(n / HOP) - 1.
         audio = torch.nn.functional.pad(audio, (0, N_FFT))
         spec = torch.stft(
-            audio, N_FFT, hop_length=HOP, win_length=WIN, window=self.window, center=False, return_complex=True
+            audio,
+            N_FFT,
+            hop_length=HOP,
+            win_length=WIN,
+            window=self.window,
+            center=False,
+            return_complex=True,
         )  # [B, F, T]
         power = spec.abs().pow(2).transpose(1, 2)  # [B, T, F]
         feats = torch.log(power @ self.fbank + 1e-6)  # [B, T, M]

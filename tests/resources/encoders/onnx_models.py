@@ -92,9 +92,13 @@ def make_onnx(
         add("Cast", [last], to=TensorProto.FLOAT16)
     nodes.append(helper.make_node("Identity", [last], ["features"]))
 
-    outputs = [helper.make_tensor_value_info(
-        "features", TensorProto.FLOAT16 if out_float16 else TensorProto.FLOAT, ["B", "T"] if rank2 else ["B", "T", dim]
-    )]
+    outputs = [
+        helper.make_tensor_value_info(
+            "features",
+            TensorProto.FLOAT16 if out_float16 else TensorProto.FLOAT,
+            ["B", "T"] if rank2 else ["B", "T", dim],
+        )
+    ]
     inputs = [helper.make_tensor_value_info("audio", TensorProto.FLOAT, ["B", "S"])]
     if mask_input:
         inputs.append(helper.make_tensor_value_info("audio_attention_mask", TensorProto.INT64, ["B", "S"]))
@@ -109,7 +113,9 @@ def make_onnx(
             nodes += [
                 helper.make_node("Cast", ["audio_attention_mask"], ["mf"], to=TensorProto.FLOAT),
                 helper.make_node("Unsqueeze", ["mf", "AX1"], ["mx"]),
-                helper.make_node("Conv", ["mx", "ONES"], ["mc"], strides=[hop], pads=[0, hop - 1]),  # [B, 1, T]
+                helper.make_node(
+                    "Conv", ["mx", "ONES"], ["mc"], strides=[hop], pads=[0, hop - 1]
+                ),  # [B, 1, T]
                 helper.make_node("Squeeze", ["mc", "AX1"], ["ms"]),
                 helper.make_node("Greater", ["ms", "ZERO"], ["frame_mask"]),  # [B, T] bool
             ]
@@ -120,8 +126,14 @@ def make_onnx(
     onnx.checker.check_model(model)
     path = Path(path)
     if external_data:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=0)
+        onnx.save_model(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=path.name + ".data",
+            size_threshold=0,
+        )
     else:
         onnx.save_model(model, str(path))
     return path

@@ -21,6 +21,7 @@ class ConvEncoder(torch.nn.Module):
         n = torch.div(audio_attention_mask.sum(-1) + HOP - 1, HOP, rounding_mode="floor")
         mask = torch.arange(feats.shape[1])[None, :] < n[:, None]
         return feats, mask.long()
+
     def forward(self, audio, audio_attention_mask=None):
         feats, mask = self.frames(audio, audio_attention_mask)
         return feats[..., :16], mask  # bug: half of output_dim

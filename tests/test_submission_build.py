@@ -1,0 +1,130 @@
+"""``build`` on real folders: torch *Encoders exported by torch.onnx, ONNX folders, broken encoders."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+from resources.encoders.onnx_models import make_onnx
+
+from evaluator.errors import SubmissionError
+from evaluator.submission import BuildOptions, ProbeConfig, build, validate
+from evaluator.submission.validate import ValidateOptions
+
+ENCODERS = Path(__file__).parent / "resources" / "encoders"
+FAST = BuildOptions(probe=ProbeConfig(max_seconds=3.0))
+
+
+def copy_encoder(name: str, tmp_path: Path) -> Path:
+    folder = tmp_path / name
+    shutil.copytree(ENCODERS / name, folder)
+    return folder
+
+
+def refused(folder: Path, out: Path, options=FAST) -> str:
+    with pytest.raises(SubmissionError) as e:
+        build(folder, out, options)
+    assert not out.exists()
+    return " | ".join([str(e.value), *e.value.reasons])
+
+
+class TestTorchFolders:
+    def test_conv_encoder_builds_and_validates(self, tmp_path):
+        folder = copy_encoder("conv", tmp_path)
+        out = tmp_path / "conv.tar"
+        result = build(folder, out, BuildOptions(team="lab", probe=FAST.probe))
+        m = result.manifest
+        assert (m.name, m.team, m.kind, m.output_dim, m.frame_hop_ms) == ("conv", "lab", "onnx", 32, 20.0)
+        assert m.onnx.mask_output == "feature_attention_mask" and m.onnx.mask_input == "audio_attention_mask"
+        assert result.probe.ok and any("measured" in n for n in result.notes)
+        with tarfile.open(out) as tar:
+            names = tar.getnames()
+            report = json.load(tar.extractfile("build_report.json"))
+        assert {"manifest.json", "SHA256SUMS", "build_report.json", "model.onnx", "source/encoder.py"} == set(
+            names
+        )
+        assert report["probe"]["ok"] and report["encoder_class"] == "ConvEncoder"
+        assert report["onnx_vs_torch"] < 1e-3
+        checked = validate(out, ValidateOptions(probe=FAST.probe))
+        assert checked.manifest == m and checked.probe.ok
+
+    @pytest.mark.parametrize(
+        "name, words",
+        [
+            ("wrong_dim", "manifest output_dim is 32"),
+            ("nan", "finite: "),
+            ("wrong_rank", "the contract is [B, T, D]"),
+            ("raises", "forward raised RuntimeError: checkpoint not loaded"),
+            ("raises_on_length", "runs: "),
+            ("ignores_mask", "padding: "),
+            ("nondeterministic", "deterministic: "),
+            ("wrong_hop", "frame_rate: frame counts do not follow frame_hop_ms=40"),
+        ],
+    )
+    def test_broken_encoder_refused(self, tmp_path, name, words):
+        text = refused(copy_encoder(name, tmp_path), tmp_path / "out.tar")
+        assert words in text
+
+    def test_reference_dummy_encoder_refused_as_non_deterministic(self, tmp_path):
+        text = refused(copy_encoder("dummy", tmp_path), tmp_path / "out.tar")
+        assert "deterministic: two forward passes of DummyEncoder" in text
+
+    def test_two_encoder_classes_refused(self, tmp_path):
+        folder = copy_encoder("conv", tmp_path)
+        with open(folder / "encoder.py", "a") as f:
+            f.write("\n\nclass OtherEncoder(ConvEncoder):\n    pass\n")
+        assert "exactly one" in refused(folder, tmp_path / "out.tar")
+
+    def test_import_error_reported(self, tmp_path):
+        folder = tmp_path / "broken"
+        folder.mkdir()
+        (folder / "encoder.py").write_text("import not_a_module_anywhere\n")
+        assert "importing encoder.py failed: ModuleNotFoundError" in refused(folder, tmp_path / "out.tar")
+
+
+class TestOnnxFolders:
+    def test_model_and_partial_manifest(self, tmp_path):
+        folder = tmp_path / "mine"
+        folder.mkdir()
+        make_onnx(folder / "model.onnx", dim=12)
+        (folder / "manifest.json").write_text(json.dumps({"name": "mine", "team": "t", "license": "MIT"}))
+        result = build(folder, tmp_path / "s.tar", FAST)
+        m = result.manifest
+        assert (m.output_dim, m.frame_hop_ms, m.license) == (12, 20.0, "MIT")
+        assert (m.onnx.audio_input, m.onnx.mask_input, m.onnx.mask_output) == (
+            "audio",
+            "audio_attention_mask",
+            "frame_mask",
+        )
+        assert validate(tmp_path / "s.tar", ValidateOptions(probe=FAST.probe)).probe.ok
+
+    def test_broken_onnx_refused(self, tmp_path):
+        folder = tmp_path / "nan"
+        folder.mkdir()
+        make_onnx(folder / "model.onnx", nan=True)
+        assert "finite: " in refused(folder, tmp_path / "s.tar")
+
+    def test_size_cap(self, tmp_path):
+        folder = tmp_path / "mine"
+        folder.mkdir()
+        make_onnx(folder / "model.onnx")
+        options = BuildOptions(probe=FAST.probe, max_bytes=2048)
+        assert "over the" in refused(folder, tmp_path / "s.tar", options)
+
+
+class TestFolderKinds:
+    def test_empty_folder(self, tmp_path):
+        assert "nothing to build" in refused(tmp_path, tmp_path / "s.tar")
+
+    def test_ambiguous_folder(self, tmp_path):
+        folder = copy_encoder("conv", tmp_path)
+        make_onnx(folder / "model.onnx")
+        assert "--source" in refused(folder, tmp_path / "s.tar")
+
+    def test_bad_manifest_json(self, tmp_path):
+        folder = copy_encoder("conv", tmp_path)
+        (folder / "manifest.json").write_text("[1, 2")
+        assert "not valid JSON" in refused(folder, tmp_path / "s.tar")

@@ -332,7 +332,7 @@ class OnnxRuntime:
     def close(self) -> None:
         self._session = None
 
-    def __enter__(self) -> OnnxRuntime:
+    def __enter__(self) -> OnnxRuntime:  # noqa: PYI034 - typing.Self needs Python 3.11
         return self
 
     def __exit__(self, *exc) -> None:

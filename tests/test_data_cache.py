@@ -11,7 +11,15 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from evaluator.data import data_home, file_sha256, get_track, iter_clips, resolve_shards, shard_digests, write_shard
+from evaluator.data import (
+    data_home,
+    file_sha256,
+    get_track,
+    iter_clips,
+    resolve_shards,
+    shard_digests,
+    write_shard,
+)
 from evaluator.data.cache import DIGEST_DIR, shard_files
 from evaluator.errors import DataError
 

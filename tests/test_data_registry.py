@@ -77,7 +77,7 @@ def test_registry_equals_reference_yaml(name):
     docs = []
     for rel in REFERENCE[name]:
         out = subprocess.run(
-            ["git", "-C", str(MIRROR), "show", f"HEAD:src/xares_llm/tasks/{rel}"], capture_output=True, text=True
+            ["git", "-C", str(MIRROR), "show", f"HEAD:src/xares_llm/tasks/{rel}"], capture_output=True, text=True, check=False
         )
         if out.returncode != 0:
             pytest.skip(f"reference file {rel} not in the mirror")

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import click
 
-from evaluator.data import cache, tasks as registry
+from evaluator.data import cache
+from evaluator.data import tasks as registry
 from evaluator.data.specs import TaskSpec, TrackSpec
 
 COLUMNS = ("track", "task", "name", "metric", "train data", "test data")

@@ -48,8 +48,8 @@ def generate_demo(track, out_dir, seed=0, **kwargs):
 
 
 __all__ = [
-    "KNOWN_METRICS",
     "HIDDEN_CONFIG_ENV",
+    "KNOWN_METRICS",
     "PUBLIC_HIDDEN_TASKS",
     "SAMPLE_RATE",
     "SKIP_REASONS",

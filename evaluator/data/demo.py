@@ -24,10 +24,11 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import soundfile as sf
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 SYNTH_RATE = 16_000  # Hz, sox synthesis rate (espeak-ng speaks at its own 22.05 kHz: the reader resamples)
 TOOL_TIMEOUT_S = 30  # per espeak-ng/sox call
 TRAIN_SHARDS = 2  # per task: exercises brace expansion in the YAML
+MIN_SPEECH_S = 0.6  # short words ("up") are padded with silence to at least this many seconds
 
 # Training fields of the demo train YAMLs: a small decoder must learn these in minutes on CPU.
 DEMO_TRAINING = {
@@ -318,8 +320,12 @@ def _render(recipe: Speech | Sounds, stem: Path) -> tuple[np.ndarray, int]:
     if isinstance(recipe, Speech):
         out = stem.with_suffix(".wav")
         _run(["espeak-ng", "-w", str(out), "-v", recipe.voice, "-s", str(recipe.speed), "-p", str(recipe.pitch), recipe.text])
-        return _read(out)
-    n = int(round(recipe.seconds * SYNTH_RATE))
+        wave, rate = _read(out)
+        short = int(MIN_SPEECH_S * rate) - len(wave)
+        if short > 0:
+            wave = np.pad(wave, (short // 2, short - short // 2))
+        return wave, rate
+    n = round(recipe.seconds * SYNTH_RATE)
     mix = np.zeros(n, dtype=np.float32)
     for j, (kind, params, gain) in enumerate(zip(recipe.kinds, recipe.params, recipe.gains)):
         out = Path(f"{stem}_{j}.wav")

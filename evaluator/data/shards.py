@@ -23,9 +23,10 @@ import logging
 import tarfile
 import zlib
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -348,7 +349,7 @@ def write_shard(path: Path, members: Iterable[tuple[str, bytes]], *, compress: b
     path.parent.mkdir(parents=True, exist_ok=True)
     compress = path.name.endswith(".gz") if compress is None else compress
     raw = io.BytesIO()
-    with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tf:
         for member_name, data in members:
             info = tarfile.TarInfo(member_name)
             info.size = len(data)

@@ -271,7 +271,7 @@ def _parse_eval_doc(doc: Any, where: str, base_dir: Path | None) -> dict[str, di
     for name, entry in doc.items():
         at = f"{where}: {name}"
         name = str(name)
-        task_id = (name[len("eval_") :] if name.startswith("eval_") else name).lower()
+        task_id = (name.removeprefix("eval_")).lower()
         _check_id(task_id, at)
         if task_id in entries:
             raise ConfigError(f"{at}: two eval entries map to task id {task_id!r}")
@@ -390,8 +390,7 @@ def _shards(value: Any, repo_id: str | None, base_dir: Path | None, at: str) -> 
             raise ConfigError(
                 f"{at}.data: {pattern!r} is a URL; name a local path, or a repo-relative path plus repo_id"
             )
-        if pattern.startswith("file://"):
-            pattern = pattern[len("file://") :]
+        pattern = pattern.removeprefix("file://")
         if repo_id is not None:
             for name in expand_braces(pattern):
                 parts = Path(name).parts

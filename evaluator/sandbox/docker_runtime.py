@@ -30,6 +30,7 @@ import re
 import shutil
 import tarfile
 import tempfile
+import uuid
 from pathlib import Path, PurePosixPath
 from typing import Sequence
 
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 KEEPER_IMAGE = "xares/encoder-base:latest"  # holds the /output tmpfs open; built by `make base-image`
 USER = "65534:65534"  # nobody:nogroup
 LABEL = "org.xares-eval.role"  # on every container and volume we create, to find leftovers
+RUN_LABEL = "org.xares-eval.run"  # ... with the creating runtime's run_id
 CLEAN_ENV = {  # the whole environment the encoder sees (plus OMP_NUM_THREADS)
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "HOME": "/tmp",
@@ -185,16 +187,16 @@ def load_image(client, *, tar_path: Path, image_id: str) -> bool:
     return True
 
 
-def create_volume(client, *, size_mb: int, max_files: int):
+def create_volume(client, *, size_mb: int, max_files: int, labels: dict[str, str]):
     """A tmpfs volume owned by the sandbox user, capped in bytes and in files (inodes)."""
     opts = f"size={size_mb}m,nr_inodes={max_files},uid=65534,gid=65534,mode=0700"
     return client.volumes.create(
-        driver="local", driver_opts={"type": "tmpfs", "device": "tmpfs", "o": opts}, labels={LABEL: "output"}
+        driver="local", driver_opts={"type": "tmpfs", "device": "tmpfs", "o": opts}, labels=labels
     )
 
 
 def start_container(client, *, image: str, entrypoint: Sequence[str], environment: list[str],
-                    mounts: list, flags: dict, gpu: bool, role: str):
+                    mounts: list, flags: dict, gpu: bool, labels: dict[str, str]):
     """Create and start a container; when the start fails, the container is removed before raising.
 
     Raises:
@@ -207,9 +209,10 @@ def start_container(client, *, image: str, entrypoint: Sequence[str], environmen
     extra = {}
     if gpu:
         extra["device_requests"] = [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])]
+    role = labels.get(LABEL, "sandbox")
     container = client.containers.create(
         image, entrypoint=list(entrypoint), command=[], environment=environment, mounts=mounts,
-        labels={LABEL: role}, detach=True, **flags, **extra,
+        labels=labels, detach=True, **flags, **extra,
     )
     try:
         container.start()
@@ -235,10 +238,10 @@ def wait_container(container, *, timeout: float) -> int | None:
         return None
 
 
-def container_logs(container, *, max_bytes: int) -> str:
-    """The tail of stdout+stderr (the json-file log is already capped on disk by `hardened_flags`)."""
+def container_logs(container, *, max_bytes: int, stdout: bool = True) -> str:
+    """The tail of stderr (and stdout); the json-file log is already capped on disk by `hardened_flags`."""
     try:
-        raw = container.logs(stdout=True, stderr=True, tail=LOG_TAIL_LINES)
+        raw = container.logs(stdout=stdout, stderr=True, tail=LOG_TAIL_LINES)
     except Exception as e:  # the log is a courtesy; never let it hide the real failure
         return f"(logs unavailable: {_first_line(e)})"
     return raw[-max_bytes:].decode("utf-8", errors="replace")
@@ -256,6 +259,14 @@ def copy_out(container, *, path: str, dest: Path, max_bytes: int) -> Path:
                 raise SandboxError(f"/output holds more than {max_bytes >> 20} MiB (Limits.output_mb)")
             f.write(chunk)
     return out
+
+
+def kill_container(container) -> None:
+    """Stop it now (SIGKILL); already-stopped is fine."""
+    try:
+        container.kill()
+    except Exception as e:  # exited on its own meanwhile, or already gone
+        log.debug("could not kill container %s: %s", getattr(container, "short_id", "?"), e)
 
 
 def remove_container(container) -> None:
@@ -302,6 +313,7 @@ class ContainerRuntime:
         workdir: where the per-call host folders go (default: the system temp dir).
         keeper_image: image of the container that holds /output open (the base image).
         keep_image: leave a freshly loaded image in the engine after `close` (faster re-runs).
+        run_id: value of the run label on every container and volume (default: random).
 
     Raises:
         SubmissionError: no container spec, the archive is missing or holds another image.
@@ -311,13 +323,14 @@ class ContainerRuntime:
     name = "container"
 
     def __init__(self, root: Path, manifest: Manifest, limits: Limits, *, workdir: Path | None = None,
-                 keeper_image: str = KEEPER_IMAGE, keep_image: bool = False):
+                 keeper_image: str = KEEPER_IMAGE, keep_image: bool = False, run_id: str | None = None):
         if manifest.kind != "container" or manifest.container is None:
             raise SubmissionError("manifest.json has no 'container' section; kind must be 'container'")
         self.manifest = manifest
         self.limits = limits
         self.device = "cuda" if limits.gpu else "cpu"
         self.calls = 0
+        self.run_id = run_id or uuid.uuid4().hex[:16]  # labels everything this runtime creates in the engine
         self.last_log = ""  # capped log tail of the latest run, for --debug output
         self._workdir = workdir
         self._keeper_image = keeper_image
@@ -330,6 +343,8 @@ class ContainerRuntime:
             image = self._client.images.get(manifest.container.image_id)
             self._image_env_keys = sorted({e.split("=", 1)[0] for e in image.attrs["Config"].get("Env") or []})
             self._check_keeper()
+            if limits.gpu:
+                self._check_gpu()
             info = self._client.info()
         except BaseException:
             self.close()
@@ -352,7 +367,8 @@ class ContainerRuntime:
         containers, volume = [], None
         try:
             items = _write_request(work / "input", clips)
-            volume = create_volume(self._client, size_mb=self.limits.output_mb, max_files=2 * len(clips) + 16)
+            volume = create_volume(self._client, size_mb=self.limits.output_mb, max_files=2 * len(clips) + 16,
+                                   labels=self._labels("output"))
             containers.append(self._start_keeper(volume))
             encoder = self._start_encoder(work / "input", volume)
             containers.append(encoder)
@@ -391,6 +407,9 @@ class ContainerRuntime:
         return hardened_flags(memory_mb=lim.memory_mb, cpus=lim.cpus, pids=lim.pids, tmpfs_mb=lim.tmpfs_mb,
                               log_bytes=lim.log_bytes)
 
+    def _labels(self, role: str) -> dict[str, str]:
+        return {LABEL: role, RUN_LABEL: self.run_id}
+
     def _environment(self) -> list[str]:
         env = dict(CLEAN_ENV, OMP_NUM_THREADS=str(max(1, int(self.limits.cpus))))
         # A bare KEY unsets the image's variable (moby's ReplaceOrAppendEnvValues), so none leaks in.
@@ -403,7 +422,7 @@ class ContainerRuntime:
         mount = docker.types.Mount("/output", volume.name, type="volume", no_copy=True)
         return start_container(self._client, image=self._keeper_image, entrypoint=["sleep", "infinity"],
                                environment=[f"PATH={CLEAN_ENV['PATH']}"], mounts=[mount], flags=flags,
-                               gpu=False, role="keeper")
+                               gpu=False, labels=self._labels("keeper"))
 
     def _start_encoder(self, input_dir: Path, volume):
         import docker.types
@@ -415,7 +434,8 @@ class ContainerRuntime:
         flags = self._encoder_flags()
         container = start_container(
             self._client, image=self.manifest.container.image_id, entrypoint=self.manifest.container.entrypoint,
-            environment=self._environment(), mounts=mounts, flags=flags, gpu=self.limits.gpu, role="encoder",
+            environment=self._environment(), mounts=mounts, flags=flags, gpu=self.limits.gpu,
+            labels=self._labels("encoder"),
         )
         try:
             container.reload()
@@ -430,9 +450,11 @@ class ContainerRuntime:
         limit = self.limits.wall_seconds
         code = wait_container(container, timeout=limit)
         if code is None:
-            container.kill()
+            kill_container(container)  # logs first, removal in encode's `finally`
         self.last_log = container_logs(container, max_bytes=self.limits.log_bytes)
-        last = user_error(self.last_log)
+        # stderr first: the streams interleave in any order, and errors (tracebacks) go to stderr.
+        last = user_error(container_logs(container, max_bytes=self.limits.log_bytes, stdout=False))
+        last = last or user_error(self.last_log)
         said = f"; last log line: {last}" if last else "; it printed nothing"
         if code is None:
             raise SandboxError(f"the encoder did not finish within {limit:g} s (Limits.wall_seconds) "
@@ -455,6 +477,14 @@ class ContainerRuntime:
                 "build it with `make base-image`"
             ) from e
 
+    def _check_gpu(self) -> None:
+        """Ask the engine for the GPUs once, up front, so a missing GPU fails before any work."""
+        flags = hardened_flags(memory_mb=64, cpus=0.5, pids=8, tmpfs_mb=1, log_bytes=4096)
+        probe = start_container(self._client, image=self._keeper_image, entrypoint=["true"],
+                                environment=[f"PATH={CLEAN_ENV['PATH']}"], mounts=[], flags=flags, gpu=True,
+                                labels=self._labels("gpu-check"))
+        remove_container(probe)
+
     def _verify(self, attrs: dict, flags: dict) -> None:
         """Check the engine really applied the flags and the clean environment; refuse to run if not."""
         hc, cfg = attrs["HostConfig"], attrs["Config"]
@@ -473,7 +503,8 @@ class ContainerRuntime:
             wrong.append(f"pids limit {hc.get('PidsLimit')}")
         if hc.get("Memory") != self.limits.memory_mb << 20:
             wrong.append(f"memory {hc.get('Memory')}")
-        env_keys = {e.split("=", 1)[0] for e in cfg.get("Env") or []}
+        env = cfg.get("Env") or []
+        env_keys = {e.split("=", 1)[0] for e in env if "=" in e}  # bare KEYs are the unset markers
         expected = set(CLEAN_ENV) | {"OMP_NUM_THREADS"}
         if env_keys != expected:
             wrong.append(f"environment keys {sorted(env_keys ^ expected)} differ from the clean set")

@@ -1,0 +1,97 @@
+"""``xares-eval run``: one submission, one track, from submission.tar to results.json."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from evaluator.errors import ConfigError
+
+TRACKS = ("A", "A-hidden", "B", "B-hidden", "demo-a", "demo-b")
+
+
+@click.command(
+    epilog="""\b
+Examples:
+  xares-eval run submission.tar --track A
+  xares-eval run submission.tar --track B-hidden --hidden-config /secure/hidden.yaml
+  xares-eval run submission.tar --train-config train_task1_config.yaml \\
+      --eval-config eval_task1_config.yaml --max-steps 2000
+  xares-eval run submission.tar --track demo-a --data-home demo_out/data \\
+      --decoder demo_out/smoke-decoder --max-steps 600
+
+\b
+Outputs go under --out, in folders named by a hash of everything that shapes them (submission
+digest, configs, decoder, seed, steps): rerunning after a kill resumes; a changed setting never
+reuses an old checkpoint or score.""",
+)
+@click.argument("submission", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--track", type=click.Choice(TRACKS), default=None,
+              help="Track to run. Not needed with --train-config/--eval-config.")
+@click.option("--train-config", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="XARES-LLM training YAML (train_data + top-level fields such as max_steps, learning_rate).")
+@click.option("--eval-config", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="XARES-LLM evaluation YAML (requires --train-config unless --track names the decoder's track).")
+@click.option("--decoder", default=None, metavar="NAME|PATH",
+              help="Decoder by hub name (read from the local HF cache) or local folder "
+                   "[default: the track's, HuggingFaceTB/SmolLM2-135M].")
+@click.option("--max-steps", type=click.IntRange(min=1), default=None,
+              help="Training steps [default: the track's max_steps, 100000 for A and B].")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("out"), show_default=True,
+              help="Output root (features, checkpoints, predictions, results).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="fp32 is deterministic (the protocol); bf16 is the fast mode.")
+@click.option("--seed", type=int, default=None, help="Training seed [default: the track's, 42].")
+@click.option("--machine", default=None, help="Machine name written into results.json [default: host name].")
+@click.option("--data-home", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Data cache [default: $XARES_DATA_HOME or ./xares_data].")
+@click.option("--hidden-config", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Organizer's hidden-track YAML [default: $XARES_HIDDEN_CONFIG]; hidden tracks only.")
+@click.option("--offline", is_flag=True, help="Never download shards; fail listing the missing files.")
+@click.option("--limit-clips", type=click.IntRange(min=1), default=None,
+              help="At most N clips per task and split (smoke runs; scores are not comparable).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch CPU threads [default: all cores].")
+@click.option("--memory-mb", type=click.IntRange(min=64), default=None,
+              help="Encoder memory cap in MiB [default: the manifest's resources.memory_mb].")
+@click.option("--gpu/--no-gpu", default=False, show_default=True,
+              help="Give the encoder a GPU (fails with a message when none is usable).")
+@click.option("--spot-check", type=click.FloatRange(0, 1), default=0.02, show_default=True,
+              help="Share of one eval task's clips re-extracted and compared with the store (0 = off).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def run(submission: Path, track: str | None, train_config: Path | None, eval_config: Path | None,
+        decoder: str | None, max_steps: int | None, out: Path, precision: str, seed: int | None,
+        machine: str | None, data_home: Path | None, hidden_config: Path | None, offline: bool,
+        limit_clips: int | None, threads: int | None, memory_mb: int | None, gpu: bool, spot_check: float,
+        quiet: bool) -> None:
+    """Evaluate SUBMISSION (a submission.tar) on a track and write results.json.
+
+    Validates the submission, extracts features in the sandbox (once per clip), trains the projector
+    and LoRA decoder of the track, generates an answer per test clip and scores it. A task that fails
+    is reported and scored 0 ("failed"); the run goes on.
+    """
+    from evaluator.runner import RunOptions, resolve_track, run_submission
+    from evaluator.sandbox import Limits
+
+    if track is None and not (train_config or eval_config):
+        raise ConfigError("give --track NAME or --train-config/--eval-config (XARES-LLM YAML)")
+    if eval_config and not train_config and track is None:
+        raise ConfigError("--eval-config needs --train-config (or --track naming the decoder's track)")
+    spec = resolve_track(track, train_config=train_config, eval_config=eval_config, data_home=data_home,
+                         hidden_config=hidden_config)
+    train_spec = None
+    if eval_config and not train_config:
+        train_spec = resolve_track(track, data_home=data_home, hidden_config=hidden_config)
+    limits = Limits(gpu=gpu, **({"memory_mb": memory_mb} if memory_mb else {}))
+    opts = RunOptions(out=out, decoder=decoder, max_steps=max_steps, precision=precision, seed=seed,
+                      data_home=data_home, hidden_config=hidden_config, download=not offline,
+                      limit_clips=limit_clips, threads=threads, limits=limits, spot_check=spot_check,
+                      progress=not quiet, **({"machine": machine} if machine else {}))
+    outcome = run_submission(submission, spec, opts, echo=click.echo, train_track=train_spec)
+    from evaluator.cli.leaderboard import build_table, render_md
+    from evaluator.scoring import leaderboard, parse_results
+
+    header, body = build_table(leaderboard([parse_results(outcome.document)]))
+    click.echo("")
+    click.echo(render_md(header, body))
+    click.echo(f"Results: {outcome.results_path}")

@@ -1,0 +1,471 @@
+"""Evaluate one submission on one track: verify → extract (sandbox) → train → generate → score.
+
+    xares-eval run submission.tar --track demo-a --out out/
+
+Every stage leaves its output on disk under a folder named by a hash of everything that shapes it,
+so a rerun after a kill resumes where it stopped and a changed setting never reuses an old result:
+
+    out/
+      features/<store key>/                    feature stores, shared by runs and submissions
+      <encoder>-<sha12>/
+        train-<decoder track>-<train key12>/   checkpoints, trainable.safetensors, train.json
+        <track>-<run key12>/                   config.json, probe.json, predictions/<task>.jsonl,
+                                               results.json, scores.tsv, run.log
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import platform
+import random
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from evaluator.data import SkipReport, TaskSpec, TrackSpec, get_track, iter_clips, shard_digests
+from evaluator.errors import DataError, SubmissionError, XaresError
+from evaluator.extraction import ExtractionConfig, extract, sample_keys, spot_check
+from evaluator.features import FeatureStore, StoreKey
+from evaluator.sandbox import Limits, open_runtime
+from evaluator.sandbox.base import Runtime
+from evaluator.submission.archive import safe_unpack, sha256_file, verify_unpacked
+from evaluator.submission.manifest import Manifest
+from evaluator.submission.probe import run_probe
+
+logger = logging.getLogger(__name__)
+
+RUN_FORMAT = 1  # bump when the layout or the meaning of a stage's output changes
+PREDICTIONS_DIR = "predictions"
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How to run; the fields that change a result are hashed into the output folders' names."""
+
+    out: Path = Path("out")
+    decoder: str | None = None  # name or path; None: the track's decoder_model_name (SmolLM2-135M)
+    max_steps: int | None = None  # None: the track's max_steps
+    precision: str = "fp32"  # fp32 (deterministic, the protocol) | bf16 (fast mode)
+    seed: int | None = None  # None: the track's seed (42)
+    machine: str = field(default_factory=platform.node)  # recorded in results.json
+    feature_dtype: str = "float16"  # storage dtype of the features
+    store_root: Path | None = None  # None: <out>/features
+    limits: Limits = field(default_factory=Limits)
+    spot_check: float = 0.02  # share of one eval task's clips re-extracted and compared (0: off)
+    data_home: Path | None = None
+    hidden_config: Path | None = None
+    download: bool = True  # fetch missing HF shards (never with HF_HUB_OFFLINE=1)
+    threads: int | None = None  # torch CPU threads; None: all cores
+    eval_batch_size: int | None = None  # None: the task's batch_size from the eval config
+    max_new_tokens: int = 150
+    checkpoint_every: int = 500  # training steps between checkpoints
+    limit_clips: int | None = None  # at most this many clips per task split (smoke runs); keyed
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    run_dir: Path
+    results_path: Path
+    document: dict
+
+
+Echo = Callable[[str], None]
+
+
+def run_submission(archive: Path, track: TrackSpec, opts: RunOptions, *, echo: Echo = print,
+                   train_track: TrackSpec | None = None) -> RunOutcome:
+    """Evaluate ``archive`` on ``track`` and write results.json.
+
+    Args:
+        archive: the submission.tar.
+        track: the evaluated tasks (``track.eval_tasks``).
+        opts: run options.
+        echo: where step lines go (the CLI passes click.echo).
+        train_track: the tasks the decoder is trained on; default ``track`` itself, or the track named
+            by ``track.decoder_track`` when that differs (B-hidden is scored with Track B's decoder).
+
+    Returns:
+        The run folder, the results file and the results document.
+
+    Raises:
+        SubmissionError: the submission is invalid or its encoder misbehaves (nothing is scored).
+        DataError: the training data is missing or unusable.
+        ModelError: the decoder or a metric model is missing.
+    """
+    train_track = train_track or _decoder_track(track, opts)
+    if not track.eval_tasks:
+        raise DataError(f"track {track.name} has no evaluation task (no test shards with a metric)")
+    if not train_track.train_tasks:
+        raise DataError(f"track {train_track.name} has no training task to train its decoder on")
+    archive = Path(archive)
+    sub_sha = sha256_file(archive)
+    with tempfile.TemporaryDirectory(prefix="xares-run-") as tmp:
+        echo(f"Checking {archive.name}")
+        root = Path(tmp) / "submission"
+        safe_unpack(archive, root)
+        manifest = verify_unpacked(root)
+        echo(f"  - {manifest.name} ({manifest.team}): {manifest.kind}, D = {manifest.output_dim}, "
+             f"hop {manifest.frame_hop_ms:g} ms, sha256 {sub_sha[:12]}")
+        sub_dir = Path(opts.out) / f"{manifest.name}-{sub_sha[:12]}"
+        with _Sandbox(root, manifest, opts.limits, echo) as sandbox:
+            probe = run_probe(sandbox.runtime, manifest)
+            if not probe.ok:
+                raise SubmissionError(f"{archive.name} fails {len(probe.reasons)} probe check(s)",
+                                      reasons=probe.reasons)
+            echo(f"  - probe: {len(probe.checks)} checks passed on {sandbox.runtime.device} "
+                 f"({sandbox.runtime.isolation})")
+            stages = _Stages(sub_sha, manifest, opts, sandbox, echo)
+            train_stores = stages.extract_split(train_track.train_tasks, "train", required=True)
+            eval_stores = stages.extract_split(track.eval_tasks, "test", required=False)
+            stages.spot_check(track.eval_tasks, eval_stores)
+        train_dir, model = stages.train(train_track, train_stores, sub_dir)
+        run_key = _digest({
+            "format": RUN_FORMAT, "train": train_dir.name, "track": track.name,
+            "tasks": [_task_identity(t, eval_stores.get(t.id)) for t in track.eval_tasks],
+            "decoding": {"max_new_tokens": opts.max_new_tokens, "batch": opts.eval_batch_size},
+        })
+        run_dir = sub_dir / f"{track.name}-{run_key[:12]}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with _log_to(run_dir / "run.log"):
+            _write_json(run_dir / "probe.json", probe.to_dict())
+            _write_json(run_dir / "config.json", {
+                "run_key": run_key, "submission": {"name": manifest.name, "sha256": sub_sha},
+                "track": track.name, "train_dir": str(train_dir), "options": _jsonable(asdict(opts)),
+                "skipped": {k: v for k, v in stages.skips.items()},
+            })
+            results = stages.evaluate(track, eval_stores, model, run_dir)
+    from evaluator.scoring import results_document
+
+    from evaluator import __version__
+
+    document = results_document(
+        submission=manifest.name, sha256=sub_sha, machine=opts.machine, track=track.name, tasks=results,
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), evaluator_version=__version__,
+        run_key=run_key, config={"train_dir": train_dir.name, "decoder": stages.decoder_name(train_track),
+                                 "max_steps": stages.max_steps(train_track), "precision": opts.precision},
+    )
+    results_path = run_dir / "results.json"
+    _write_json(results_path, document)
+    _write_scores_tsv(run_dir / "scores.tsv", document)
+    return RunOutcome(run_dir=run_dir, results_path=results_path, document=document)
+
+
+def resolve_track(name: str | None, *, train_config: Path | None = None, eval_config: Path | None = None,
+                  data_home: Path | None = None, hidden_config: Path | None = None) -> TrackSpec:
+    """A named track, or a custom one from XARES-LLM YAML files (``--train-config/--eval-config``)."""
+    from evaluator.data import load_xares_yaml
+
+    if train_config or eval_config:
+        return load_xares_yaml(train_config, eval_config, track=name or "custom")
+    return get_track(name, hidden_config=hidden_config, data_home=data_home)
+
+
+def _decoder_track(track: TrackSpec, opts: RunOptions) -> TrackSpec:
+    if track.decoder_track == track.name or track.train_tasks:
+        return track
+    return get_track(track.decoder_track, hidden_config=opts.hidden_config, data_home=opts.data_home)
+
+
+class _Sandbox:
+    """Starts the encoder runtime on first use only: a fully cached run never starts it."""
+
+    def __init__(self, root: Path, manifest: Manifest, limits: Limits, echo: Echo):
+        self.root, self.manifest, self.limits, self.echo = root, manifest, limits, echo
+        self._runtime: Runtime | None = None
+        self._stack = contextlib.ExitStack()
+
+    @property
+    def runtime(self) -> Runtime:
+        if self._runtime is None:
+            self._runtime = self._stack.enter_context(open_runtime(self.root, self.manifest, self.limits))
+        return self._runtime
+
+    @property
+    def calls(self) -> int:
+        return self._runtime.calls if self._runtime is not None else 0
+
+    def __enter__(self) -> "_Sandbox":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+
+class _Stages:
+    """The stages of one run, sharing the submission, the options and the sandbox."""
+
+    def __init__(self, sub_sha: str, manifest: Manifest, opts: RunOptions, sandbox: _Sandbox, echo: Echo):
+        self.sub_sha, self.manifest, self.opts, self.sandbox, self.echo = sub_sha, manifest, opts, sandbox, echo
+        self.store_root = opts.store_root or Path(opts.out) / "features"
+        self.skips: dict[str, dict] = {}  # "<task>/<split>" -> skip counts
+        self.errors: dict[str, str] = {}  # eval task id -> why it could not be extracted
+
+    # ---- features --------------------------------------------------------------------------------
+    def extract_split(self, tasks: tuple[TaskSpec, ...], split: str, *, required: bool) -> dict[str, FeatureStore]:
+        self.echo(f"Extracting features ({split}: {len(tasks)} task{'s' if len(tasks) != 1 else ''})")
+        stores = {}
+        for task in tasks:
+            try:
+                stores[task.id] = self._extract_task(task, split)
+            except SubmissionError:
+                raise  # the encoder broke the contract: nothing of this submission is scored
+            except XaresError as e:
+                if required:
+                    raise
+                self.errors[task.id] = str(e)
+                self.echo(f"  - {task.id}: FAILED: {e}")
+        return stores
+
+    def _extract_task(self, task: TaskSpec, split: str) -> FeatureStore:
+        digests = shard_digests(task, split, data_home=self.opts.data_home, download=self.opts.download)
+        settings = [("label_keys", ";".join(task.keys(split)))]
+        if self.opts.limit_clips:
+            settings.append(("limit", str(self.opts.limit_clips)))
+        key = StoreKey(submission_sha256=self.sub_sha, data_digests=tuple(f"{n}={d}" for n, d in digests.items()),
+                       task=task.id, split=split, dtype=self.opts.feature_dtype,
+                       window_seconds=self.manifest.max_audio_seconds, settings=tuple(settings))
+        store = FeatureStore.open(self.store_root, key)
+        skips = SkipReport(task=task.id, split=split)
+        if store.complete:
+            self.echo(f"  - {task.id}: reused {len(store.entries)} clips, 0 encoder calls")
+            return store
+        clips = iter_clips(task, split, data_home=self.opts.data_home, report=skips,
+                           download=self.opts.download, limit=self.opts.limit_clips)
+        with _progress(self.opts.progress, f"{task.id} ({split})") as tick:
+            report = extract(self.sandbox.runtime, clips, store, self.manifest, ExtractionConfig(), progress=tick)
+        self.skips[f"{task.id}/{split}"] = {"clips": skips.clips, "skipped": skips.skipped,
+                                             "reasons": dict(skips.counts)}
+        note = f", {skips.skipped} unreadable samples skipped" if skips.skipped else ""
+        self.echo(f"  - {task.id}: {report.summary()}{note}")
+        for line in skips.lines()[1:]:
+            logger.warning("%s/%s: %s", task.id, split, line.strip())
+        return store
+
+    def spot_check(self, tasks: tuple[TaskSpec, ...], stores: dict[str, FeatureStore]) -> None:
+        """Re-extract a seeded sample of one eval task and compare it with the stored features."""
+        candidates = [t for t in tasks if t.id in stores and stores[t.id].entries]
+        if self.opts.spot_check <= 0 or not candidates:
+            return
+        rng = random.Random(f"{self.sub_sha}:{len(candidates)}")
+        task = rng.choice(candidates)
+        store = stores[task.id]
+        wanted = set(sample_keys(store, fraction=self.opts.spot_check, seed=rng.randrange(2**31)))
+        clips = {c.key: c for c in iter_clips(task, "test", data_home=self.opts.data_home, download=False,
+                                              limit=self.opts.limit_clips) if c.key in wanted}
+        report = spot_check(self.sandbox.runtime, clips, store, self.manifest)
+        self.echo(f"  - spot check on {task.id}: {len(report.checked)} clips re-extracted, "
+                  f"max |diff| {report.max_abs_diff:.3g}: ok")
+
+    # ---- decoder ---------------------------------------------------------------------------------
+    def decoder_name(self, track: TrackSpec) -> str:
+        return self.opts.decoder or track.decoder_model_name
+
+    def max_steps(self, track: TrackSpec) -> int:
+        return self.opts.max_steps if self.opts.max_steps is not None else track.max_steps
+
+    def train(self, track: TrackSpec, stores: dict[str, FeatureStore], sub_dir: Path):
+        from evaluator.model import ModelConfig, build_model
+        from evaluator.training import TrainConfig, train
+
+        decoder = self.decoder_name(track)
+        model_cfg = ModelConfig(encoder_dim=self.manifest.output_dim, decoder=decoder,
+                                dtype="bfloat16" if self.opts.precision == "bf16" else "float32")
+        fps = self.manifest.frames_per_second
+        train_cfg = TrainConfig(
+            max_steps=self.max_steps(track), learning_rate=track.learning_rate, warmup_steps=track.warmup_steps,
+            weight_decay=track.weight_decay, max_grad_norm=track.max_grad_norm,
+            batch_size=track.per_device_train_batch_size,
+            seed=self.opts.seed if self.opts.seed is not None else track.seed,
+            crop_frames=max(1, round(track.crop_audio_length * fps)) if track.crop_audio_length else None,
+            precision=self.opts.precision, threads=self.opts.threads,
+            checkpoint_every=min(self.opts.checkpoint_every, self.max_steps(track)),
+        )
+        mixture = track.mixture()
+        tasks = track.train_tasks
+        key = _digest({
+            "format": RUN_FORMAT, "submission": self.sub_sha, "model": model_cfg.to_dict(),
+            "decoder": _decoder_identity(decoder), "train": train_cfg.identity(),
+            "tasks": [{**_task_identity(t, stores[t.id]), "prob": mixture[t.id]} for t in tasks],
+        })
+        train_dir = sub_dir / f"train-{track.name}-{key[:12]}"
+        self.echo(f"Training the decoder for track {track.name}: {decoder}, {train_cfg.max_steps} steps, "
+                  f"{train_cfg.precision} -> {train_dir}")
+        model = build_model(model_cfg, seed=train_cfg.seed)
+        datasets = [stores[t.id].dataset(prompt=t.prompt_for_training, task=t.id) for t in tasks]
+        result = train(model, datasets, [mixture[t.id] for t in tasks], train_cfg, train_dir,
+                       progress=self.opts.progress)
+        if result.resumed_from == train_cfg.max_steps:
+            self.echo("  - reused the finished checkpoint")
+        elif result.resumed_from:
+            self.echo(f"  - resumed from step {result.resumed_from}")
+        tail = result.losses[-min(50, len(result.losses)):]
+        if tail:
+            self.echo(f"  - final loss {sum(tail) / len(tail):.3f} ({result.seconds:.0f} s)")
+        _write_json(train_dir / "train.json", {"key": key, "model": model_cfg.to_dict(),
+                                                "train": train_cfg.identity(), "steps": result.steps})
+        return train_dir, model
+
+    # ---- generation and scoring ------------------------------------------------------------------
+    def evaluate(self, track: TrackSpec, stores: dict[str, FeatureStore], model, run_dir: Path) -> list:
+        from evaluator.scoring import TaskResult
+
+        self.echo(f"Generating and scoring ({len(track.eval_tasks)} tasks)")
+        results = []
+        scorer = None
+        for task in track.eval_tasks:
+            try:
+                if task.id in self.errors:
+                    raise DataError(self.errors[task.id])
+                rows = self._predictions(task, stores[task.id], model, run_dir)
+                scorer = scorer or self._caption_scorer(task)
+                value = _score(task, rows, scorer)
+                results.append(TaskResult(task.id, task.hidden, task.metric, value, len(rows)))
+                self.echo(f"  - {task.id}: {task.metric} {100 * value:.1f} ({len(rows)} samples)")
+            except XaresError as e:  # one bad task is reported, the run goes on
+                if isinstance(e, SubmissionError):
+                    raise
+                results.append(TaskResult(task.id, task.hidden, task.metric or "?", 0.0, 0, failed=True,
+                                          error=str(e).splitlines()[0]))
+                self.echo(f"  - {task.id}: FAILED: {e}")
+        return results
+
+    def _predictions(self, task: TaskSpec, store: FeatureStore, model, run_dir: Path) -> list[dict]:
+        """Predictions of one task with sample ids, in data order; reused when already complete."""
+        from evaluator.generation import DecodingOptions, generate
+
+        path = run_dir / PREDICTIONS_DIR / f"{task.id}.jsonl"
+        if path.exists():
+            return [json.loads(line) for line in path.read_text().splitlines() if line]
+        dataset = store.dataset(prompt=task.prompt, task=task.id)
+        options = DecodingOptions(max_new_tokens=self.opts.max_new_tokens,
+                                  batch_size=self.opts.eval_batch_size or task.batch_size,
+                                  threads=self.opts.threads)
+        predictions = generate(model, dataset, options, progress=self.opts.progress)
+        rows = [{"id": p.key, "prediction": p.text, "references": list(dataset.targets(i)), "status": "ok"}
+                for i, p in enumerate(predictions)]
+        # clips the encoder failed on stay in the test set, scored as wrong (empty prediction)
+        rows += [{"id": f.key, "prediction": "", "references": list(f.targets), "status": "encoder_failed",
+                  "error": f.reason} for f in store.failures.values()]
+        order = {**{e.key: e.ordinal for e in store.entries.values()},
+                 **{f.key: f.ordinal for f in store.failures.values()}}
+        rows.sort(key=lambda r: order[r["id"]])
+        _write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        return rows
+
+    def _caption_scorer(self, task: TaskSpec):
+        from evaluator.metrics import METRICS, MetricModels, get_metric, load_caption_scorer
+
+        get_metric(task.metric)  # unknown names fail here, with close matches
+        if METRICS[task.metric].needs_models:
+            return load_caption_scorer(MetricModels.from_env())
+        return None
+
+
+def _score(task: TaskSpec, rows: list[dict], scorer) -> float:
+    from evaluator.metrics import METRICS, score
+
+    if not rows:
+        raise DataError(f"task {task.id} has no test samples to score")
+    kwargs = dict(task.metric_args)
+    if METRICS[task.metric].needs_models:
+        kwargs["scorer"] = scorer
+    return score(task.metric, [r["prediction"] for r in rows], [r["references"] for r in rows], **kwargs)
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+def _task_identity(task: TaskSpec, store: FeatureStore | None) -> dict:
+    return {"id": task.id, "prompt": task.prompt, "train_prompt": task.prompt_for_training, "metric": task.metric,
+            "metric_args": task.metric_args, "store": store.path.name if store is not None else None}
+
+
+def _decoder_identity(name: str) -> dict:
+    """What the decoder is: a local folder by the digest of its files, a hub name by its name."""
+    folder = Path(name)
+    if not folder.is_dir():
+        return {"name": name}
+    files = sorted(f for f in folder.rglob("*") if f.is_file())
+    return {"path": str(folder.resolve()),
+            "files": {str(f.relative_to(folder)): sha256_file(f) for f in files}}
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(_jsonable(obj), sort_keys=True).encode()).hexdigest()
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write atomically (temp file + rename), so a kill never leaves half a file behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_json(path: Path, obj) -> None:
+    _write_text(path, json.dumps(_jsonable(obj), indent=2, ensure_ascii=False) + "\n")
+
+
+def _write_scores_tsv(path: Path, document: dict) -> None:
+    from evaluator.cli.leaderboard import build_table, render_tsv
+    from evaluator.scoring import leaderboard, parse_results
+
+    header, body = build_table(leaderboard([parse_results(document, source=str(path))]))
+    _write_text(path, render_tsv(header, body))
+
+
+@contextlib.contextmanager
+def _log_to(path: Path) -> Iterator[None]:
+    """Copy the evaluator's INFO log lines into the run folder while the run goes on."""
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    root = logging.getLogger("evaluator")
+    old = root.level
+    root.addHandler(handler)
+    if root.level == logging.NOTSET or root.level > logging.INFO:
+        root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old)
+        handler.close()
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, label: str):
+    """A rich progress bar fed by extraction's (clips, audio-seconds) callback."""
+    if not enabled:
+        yield None
+        return
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), TextColumn("{task.completed} clips"),
+                  TextColumn("{task.fields[seconds]:.0f} audio-s"), TimeElapsedColumn(), transient=True) as bar:
+        task = bar.add_task(label, total=None, seconds=0.0)
+
+        def tick(clips: int, seconds: float) -> None:
+            bar.update(task, completed=clips, seconds=seconds)
+
+        yield tick

@@ -8,6 +8,7 @@ locally and fail under CI=true (CI starts dockerd with docker/ci-docker.sh).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
 import json
@@ -21,17 +22,25 @@ import uuid
 from dataclasses import replace
 from pathlib import Path
 
+import docker.errors
 import numpy as np
 import pytest
 import soundfile as sf
 import soxr
 
-from evaluator.submission.container import build_container_payload  # first: see the report on import order
 from evaluator.errors import EnvironmentUnavailable, SandboxError, SubmissionError
 from evaluator.resources import template_dir
 from evaluator.sandbox import docker_runtime
 from evaluator.sandbox.base import Limits
-from evaluator.sandbox.docker_runtime import LABEL, RUN_LABEL, ContainerRuntime, connect, load_image, user_error
+from evaluator.sandbox.docker_runtime import (
+    LABEL,
+    RUN_LABEL,
+    ContainerRuntime,
+    connect,
+    load_image,
+    user_error,
+)
+from evaluator.submission.container import build_container_payload
 from evaluator.submission.manifest import Manifest
 
 pytestmark = pytest.mark.docker
@@ -52,7 +61,7 @@ def client():
         pytest.skip(f"no Docker engine here ({e}); run `bash docker/ci-docker.sh` to start one")
     try:
         c.images.get(BASE)
-    except Exception:
+    except docker.errors.ImageNotFound:
         if os.environ.get("CI"):
             pytest.fail(f"{BASE} is missing; .ci/run must build it (make base-image)")
         pytest.skip(f"{BASE} is missing: run `make base-image`")
@@ -72,10 +81,8 @@ def hostile_images(client):
         yield ids
     finally:
         for name in ids:
-            try:
+            with contextlib.suppress(docker.errors.APIError):
                 client.images.remove(f"xares-test/{name}:latest")
-            except Exception:
-                pass
 
 
 class Sandbox:
@@ -264,7 +271,7 @@ class TestTemplate:
         payload = build_container_payload(folder, tmp_path / "sub", tag=tag)
         assert payload.entrypoint == ("python3", "/opt/encoder/entrypoint.py")
         client.images.remove(tag)  # the runtime must load the archive itself (docker load, by id)
-        with pytest.raises(Exception):
+        with pytest.raises(docker.errors.ImageNotFound):
             client.images.get(payload.image_id)
 
         doc = json.loads((folder / "manifest.json").read_text())
@@ -279,7 +286,7 @@ class TestTemplate:
             assert rt.calls == 4
             assert "network none" in rt.isolation and "requested" not in rt.isolation
             assert client.images.get(payload.image_id)  # loaded while the runtime is open
-        with pytest.raises(Exception):  # ... and removed when it closes
+        with pytest.raises(docker.errors.ImageNotFound):  # ... and removed when it closes
             client.images.get(payload.image_id)
 
         reference = _template_encode()

@@ -31,12 +31,16 @@ import shutil
 import tarfile
 import tempfile
 import uuid
+from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
-from typing import Sequence
 
+import docker.errors
+import docker.types
 import numpy as np
+import requests
 import soundfile as sf
 
+import docker
 from evaluator.errors import EnvironmentUnavailable, SandboxError, SubmissionError
 from evaluator.resources import schema_errors
 from evaluator.sandbox.base import Limits
@@ -73,26 +77,24 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 def hardened_flags(*, memory_mb: int, cpus: float, pids: int, tmpfs_mb: int, log_bytes: int) -> dict:
     """The docker SDK ``containers.create`` keyword arguments that confine a container."""
-    import docker.types
-
-    return dict(
-        network_mode="none",
-        read_only=True,
-        cap_drop=["ALL"],
-        security_opt=["no-new-privileges"],
-        user=USER,
-        init=True,  # docker-init reaps zombies and forwards signals
-        pids_limit=pids,
-        mem_limit=f"{memory_mb}m",
-        memswap_limit=f"{memory_mb}m",  # equal: no swap on top of the RAM limit
-        nano_cpus=int(cpus * 1e9),
-        ipc_mode="private",
-        tmpfs={"/tmp": f"rw,nosuid,nodev,size={tmpfs_mb}m,mode=1777"},
-        ulimits=[docker.types.Ulimit(name="core", soft=0, hard=0)],
-        log_config=docker.types.LogConfig(
+    return {
+        "network_mode": "none",
+        "read_only": True,
+        "cap_drop": ["ALL"],
+        "security_opt": ["no-new-privileges"],
+        "user": USER,
+        "init": True,  # docker-init reaps zombies and forwards signals
+        "pids_limit": pids,
+        "mem_limit": f"{memory_mb}m",
+        "memswap_limit": f"{memory_mb}m",  # equal: no swap on top of the RAM limit
+        "nano_cpus": int(cpus * 1e9),
+        "ipc_mode": "private",
+        "tmpfs": {"/tmp": f"rw,nosuid,nodev,size={tmpfs_mb}m,mode=1777"},
+        "ulimits": [docker.types.Ulimit(name="core", soft=0, hard=0)],
+        "log_config": docker.types.LogConfig(
             type="json-file", config={"max-size": str(max(log_bytes, 4096)), "max-file": "1"}
         ),
-    )
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -106,13 +108,9 @@ def connect(*, timeout: int = 600):
         EnvironmentUnavailable: the SDK is missing or no engine answers.
     """
     try:
-        import docker
-    except ImportError as e:
-        raise EnvironmentUnavailable("the docker Python SDK is not installed (pip install docker)") from e
-    try:
         client = docker.from_env(timeout=timeout)
         client.ping()
-    except Exception as e:  # DockerException, connection refused, permission denied on the socket
+    except (docker.errors.DockerException, requests.exceptions.RequestException) as e:  # refused, no socket
         raise EnvironmentUnavailable(
             f"no Docker engine answers ({_first_line(e)}); start dockerd (bash docker/ci-docker.sh) "
             "or make the socket readable for this user"
@@ -157,8 +155,6 @@ def load_image(client, *, tar_path: Path, image_id: str) -> bool:
     Raises:
         SubmissionError: the archive holds another image, carries tags, or does not load.
     """
-    import docker.errors
-
     found, tags = image_tar_config(tar_path)
     if found != image_id:
         raise SubmissionError(
@@ -203,9 +199,6 @@ def start_container(client, *, image: str, entrypoint: Sequence[str], environmen
         EnvironmentUnavailable: a GPU was asked for and the engine cannot provide one.
         SandboxError: the engine refused to start the container.
     """
-    import docker.errors
-    import docker.types
-
     extra = {}
     if gpu:
         extra["device_requests"] = [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])]
@@ -219,7 +212,7 @@ def start_container(client, *, image: str, entrypoint: Sequence[str], environmen
     except docker.errors.APIError as e:
         remove_container(container)
         text = _first_line(e)
-        if gpu and re.search(r"device driver|gpu|nvidia", text, re.I):
+        if gpu and re.search(r"device driver|gpu|nvidia", text, re.IGNORECASE):
             raise EnvironmentUnavailable(
                 f"a GPU was requested (Limits.gpu) but the Docker engine cannot provide one ({text}); "
                 "install the NVIDIA Container Toolkit, or run without a GPU"
@@ -230,8 +223,6 @@ def start_container(client, *, image: str, entrypoint: Sequence[str], environmen
 
 def wait_container(container, *, timeout: float) -> int | None:
     """The exit code, or None when the container still runs after ``timeout`` seconds."""
-    import requests
-
     try:
         return int(container.wait(timeout=timeout)["StatusCode"])
     except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError):
@@ -242,7 +233,7 @@ def container_logs(container, *, max_bytes: int, stdout: bool = True) -> str:
     """The tail of stderr (and stdout); the json-file log is already capped on disk by `hardened_flags`."""
     try:
         raw = container.logs(stdout=stdout, stderr=True, tail=LOG_TAIL_LINES)
-    except Exception as e:  # the log is a courtesy; never let it hide the real failure
+    except (docker.errors.APIError, requests.exceptions.RequestException) as e:  # a courtesy: never hide the failure
         return f"(logs unavailable: {_first_line(e)})"
     return raw[-max_bytes:].decode("utf-8", errors="replace")
 
@@ -265,7 +256,7 @@ def kill_container(container) -> None:
     """Stop it now (SIGKILL); already-stopped is fine."""
     try:
         container.kill()
-    except Exception as e:  # exited on its own meanwhile, or already gone
+    except (docker.errors.APIError, requests.exceptions.RequestException) as e:  # exited meanwhile, or gone
         log.debug("could not kill container %s: %s", getattr(container, "short_id", "?"), e)
 
 
@@ -273,21 +264,21 @@ def remove_container(container) -> None:
     """Kill and remove; already-gone is fine."""
     try:
         container.remove(force=True, v=True)
-    except Exception as e:  # NotFound, or the engine is going away: nothing more we can do
+    except (docker.errors.APIError, requests.exceptions.RequestException) as e:  # gone, or the engine is
         log.debug("could not remove container %s: %s", getattr(container, "short_id", "?"), e)
 
 
 def remove_volume(volume) -> None:
     try:
         volume.remove(force=True)
-    except Exception as e:
+    except (docker.errors.APIError, requests.exceptions.RequestException) as e:
         log.debug("could not remove volume %s: %s", getattr(volume, "name", "?"), e)
 
 
 def remove_image(client, *, image_id: str) -> None:
     try:
         client.images.remove(image_id, force=False, noprune=False)
-    except Exception as e:  # still used by another run: leave it
+    except (docker.errors.APIError, requests.exceptions.RequestException) as e:  # in use by another run
         log.debug("could not remove image %s: %s", image_id, e)
 
 
@@ -394,7 +385,7 @@ class ContainerRuntime:
             remove_image(client, image_id=self.manifest.container.image_id)
         client.close()
 
-    def __enter__(self) -> "ContainerRuntime":
+    def __enter__(self) -> ContainerRuntime:  # noqa: PYI034 - typing.Self needs Python 3.11
         return self
 
     def __exit__(self, *exc) -> None:
@@ -416,8 +407,6 @@ class ContainerRuntime:
         return [f"{k}={v}" for k, v in env.items()] + [k for k in self._image_env_keys if k not in env]
 
     def _start_keeper(self, volume):
-        import docker.types
-
         flags = hardened_flags(memory_mb=32, cpus=0.1, pids=8, tmpfs_mb=1, log_bytes=4096)
         mount = docker.types.Mount("/output", volume.name, type="volume", no_copy=True)
         return start_container(self._client, image=self._keeper_image, entrypoint=["sleep", "infinity"],
@@ -425,8 +414,6 @@ class ContainerRuntime:
                                gpu=False, labels=self._labels("keeper"))
 
     def _start_encoder(self, input_dir: Path, volume):
-        import docker.types
-
         mounts = [
             docker.types.Mount("/input", str(input_dir), type="bind", read_only=True),
             docker.types.Mount("/output", volume.name, type="volume", no_copy=True),
@@ -467,8 +454,6 @@ class ContainerRuntime:
             raise SandboxError(f"the encoder exited with code {code}{said}")
 
     def _check_keeper(self) -> None:
-        import docker.errors
-
         try:
             self._client.images.get(self._keeper_image)
         except docker.errors.ImageNotFound as e:

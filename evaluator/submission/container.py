@@ -65,8 +65,7 @@ def build_container_payload(folder: Path, workdir: Path, *, tag: str) -> Contain
         workdir.mkdir(parents=True, exist_ok=True)
         tar = workdir / IMAGE_TAR
         with open(tar, "wb") as f:
-            for chunk in image.save(named=False):  # by id: no RepoTags in the archive
-                f.write(chunk)
+            f.writelines(image.save(named=False))  # by id: no RepoTags in the archive
     finally:
         client.close()
     log.info("saved %s (%s, %.1f MiB)", tar, image_id, tar.stat().st_size / 2**20)

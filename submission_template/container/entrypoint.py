@@ -100,7 +100,7 @@ def load_item(item: dict) -> np.ndarray:
 def main() -> int:
     try:
         items = read_request()
-    except Exception as e:  # nothing can be answered without a request: fail the whole run
+    except Exception as e:  # noqa: BLE001 - no request, no answers: fail the whole run
         print(f"cannot read /input/request.json: {e}", file=sys.stderr)
         return 1
     answers = []
@@ -112,7 +112,7 @@ def main() -> int:
             np.save(OUTPUT / name, feats, allow_pickle=False)
             answers.append({"id": item_id, "status": "ok", "features": name,
                             "shape": list(feats.shape), "dtype": str(feats.dtype)})
-        except Exception as e:  # one bad item is reported, the others are still encoded
+        except Exception as e:  # noqa: BLE001 - one bad item is reported, the rest encoded
             traceback.print_exc(file=sys.stderr)
             answers.append({"id": item_id, "status": "error", "error": f"{type(e).__name__}: {e}"[:4000]})
     tmp = OUTPUT / ".response.json.tmp"

@@ -1,0 +1,363 @@
+"""Train the projector + LoRA on cached features, with XARES-LLM's hyper-parameters.
+
+The loop reads the feature store only (the encoder never runs here) and is explicit, nanoGPT-style:
+set the learning rate, forward, backward, clip, step, zero the gradients, log, checkpoint. Checkpoints
+hold the trainable weights, the optimizer, the RNG state, the step, the loss history and the sampler's
+position, so a run killed at any point resumes to bit-for-bit the same weights (fp32 mode)::
+
+    model = build_model(ModelConfig(encoder_dim=768))
+    result = train(model, [esc50, gtzan], [0.5, 1.0], TrainConfig(max_steps=2000), Path("run/train"))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from evaluator.errors import ConfigError, DataError
+from evaluator.model import AudioLLM, Batch
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "bf16")
+CHECKPOINT_PREFIX = "checkpoint-"
+FINAL_WEIGHTS = "trainable.safetensors"  # in out_dir once training is complete
+
+
+class FeatureDataset(Protocol):  # the features stage's interface (docs/architecture.md)
+    task: str
+    prompt: str
+
+    def __len__(self) -> int: ...
+    def key(self, i: int) -> str: ...
+    def features(self, i: int) -> np.ndarray: ...
+    def targets(self, i: int) -> tuple[str, ...]: ...
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training settings. Defaults are XARES-LLM's (HF Trainer defaults where it sets nothing)."""
+
+    max_steps: int = 100_000  # optimizer steps (the official tracks use 100000)
+    # optimizer (AdamW) and schedule
+    learning_rate: float = 1e-4  # peak, after warm-up
+    warmup_steps: int = 200  # linear warm-up from 0, then linear decay to 0 at max_steps
+    weight_decay: float = 0.01  # not applied to biases
+    max_grad_norm: float = 1.0  # global L2 clip
+    # data
+    batch_size: int = 4
+    sort_buffer: int = 128  # examples drawn, sorted by length and cut into batches at a time
+    crop_frames: int | None = None  # random crop of longer clips (30 s of the encoder's frames); None: off
+    seed: int = 42
+    # execution (these do not change the result, except precision)
+    precision: str = "fp32"  # fp32: deterministic and reproducible | bf16: autocast, faster, not bitwise stable
+    threads: int | None = None  # torch CPU threads; None: all cores
+    checkpoint_every: int = 200  # steps between checkpoints (one is also written at the end)
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    log_every: int = 100  # steps between loss log lines
+
+    def __post_init__(self):
+        problems = []
+        if self.max_steps < 1:
+            problems.append(f"max_steps must be >= 1 (got {self.max_steps})")
+        if self.warmup_steps < 0:
+            problems.append(f"warmup_steps must be >= 0 (got {self.warmup_steps})")
+        if self.learning_rate <= 0 or self.weight_decay < 0 or self.max_grad_norm <= 0:
+            problems.append("learning_rate and max_grad_norm must be > 0, weight_decay >= 0")
+        if self.batch_size < 1 or self.sort_buffer < self.batch_size:
+            problems.append(f"need 1 <= batch_size <= sort_buffer (got {self.batch_size}, {self.sort_buffer})")
+        if self.crop_frames is not None and self.crop_frames < 1:
+            problems.append(f"crop_frames must be >= 1 or None (got {self.crop_frames})")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision must be one of {PRECISIONS} (got {self.precision!r})")
+        if self.threads is not None and self.threads < 1:
+            problems.append(f"threads must be >= 1 or None (got {self.threads})")
+        if self.checkpoint_every < 1 or self.keep_checkpoints < 1 or self.log_every < 1:
+            problems.append("checkpoint_every, keep_checkpoints and log_every must be >= 1")
+        if problems:
+            raise ConfigError("invalid training config: " + "; ".join(problems))
+
+    def identity(self) -> dict:
+        """The fields that shape the trained weights (a checkpoint is only resumed when they match)."""
+        skip = {"threads", "checkpoint_every", "keep_checkpoints", "log_every"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+
+
+@dataclass
+class TrainResult:
+    steps: int  # optimizer steps done in total
+    losses: list[float] = field(repr=False)  # one per step, including steps before a resume
+    weights: Path = Path()  # projector + LoRA safetensors of the final model
+    resumed_from: int | None = None  # step of the checkpoint this call started from
+    seconds: float = 0.0  # wall time of this call
+
+
+def learning_rate(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for optimizer step ``step`` (0-based), HF Trainer's "linear" schedule."""
+    # 1) linear warm-up from 0 (as in HF, the very first step runs at lr 0)
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * step / cfg.warmup_steps
+    # 2) linear decay to 0 at max_steps
+    return cfg.learning_rate * max(0.0, (cfg.max_steps - step) / max(1, cfg.max_steps - cfg.warmup_steps))
+
+
+class BatchSampler:
+    """Deterministic, resumable stream of training batches over several datasets.
+
+    Buffer k draws ``sort_buffer`` examples (dataset by probability, items in a per-epoch permutation,
+    one example per target text), sorts them by length, cuts them into batches (an incomplete last
+    batch is dropped, as XARES-LLM does) and shuffles the batch order. Everything random comes from
+    ``seed`` and k, so the state is just (k, cursors at the start of buffer k, batches taken).
+    """
+
+    def __init__(self, model: AudioLLM, datasets: Sequence[FeatureDataset], probs: Sequence[float], cfg: TrainConfig):
+        self.model, self.datasets, self.cfg = model, list(datasets), cfg
+        self.probs = _normalise(probs, len(self.datasets))
+        self.state = {"buffer": 0, "cursors": [[0, 0] for _ in self.datasets], "taken": 0}
+        self._batches: list[Batch] | None = None
+        self._orders: dict[tuple[int, int], np.ndarray] = {}  # (dataset, epoch) -> item permutation
+
+    def state_dict(self) -> dict:
+        return json.loads(json.dumps(self.state))
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = json.loads(json.dumps(state))
+        self._batches = None
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        while True:
+            if self._batches is None:
+                self._cursors = [list(c) for c in self.state["cursors"]]  # advanced while filling
+                self._batches = self._fill(self.state["buffer"])
+            if self.state["taken"] < len(self._batches):
+                batch = self._batches[self.state["taken"]]
+                self.state["taken"] += 1
+                return batch
+            self.state = {"buffer": self.state["buffer"] + 1, "cursors": self._cursors, "taken": 0}
+            self._batches = None
+
+    def _next_item(self, d: int) -> int:
+        epoch, pos = self._cursors[d]
+        n = len(self.datasets[d])
+        if (d, epoch) not in self._orders:
+            self._orders = {key: v for key, v in self._orders.items() if key[0] != d}
+            self._orders[d, epoch] = np.random.default_rng([self.cfg.seed, 1 + d, epoch]).permutation(n)
+        item = int(self._orders[d, epoch][pos])
+        self._cursors[d] = [epoch + 1, 0] if pos + 1 == n else [epoch, pos + 1]
+        return item
+
+    def _fill(self, k: int) -> list[Batch]:
+        cfg = self.cfg
+        rng = np.random.default_rng([cfg.seed, 0, k])
+        examples, misses = [], 0
+        while len(examples) < cfg.sort_buffer:
+            d = int(rng.choice(len(self.datasets), p=self.probs))
+            ds = self.datasets[d]
+            i = self._next_item(d)
+            targets = [t for t in ds.targets(i) if t and t.strip()]
+            if not targets:
+                misses += 1
+                if misses > 10 * cfg.sort_buffer + sum(len(x) for x in self.datasets):
+                    raise DataError(f"task {ds.task}: no item has a non-empty target text")
+                continue
+            feats = np.asarray(ds.features(i), dtype=np.float32)
+            if feats.ndim != 2 or feats.shape[0] == 0 or feats.shape[1] != self.model.config.encoder_dim:
+                raise DataError(f"task {ds.task}, item {ds.key(i)}: features have shape {feats.shape}, expected "
+                                f"[T>0, {self.model.config.encoder_dim}]")
+            if not np.isfinite(feats).all():
+                raise DataError(f"task {ds.task}, item {ds.key(i)}: features contain NaN or Inf")
+            if cfg.crop_frames and feats.shape[0] > cfg.crop_frames:
+                start = int(rng.integers(0, feats.shape[0] - cfg.crop_frames + 1))
+                feats = feats[start : start + cfg.crop_frames]
+            prompt = self.model.prompt_ids(ds.prompt)
+            for text in targets:
+                examples.append((torch.from_numpy(feats), prompt, self.model.target_ids(text)))
+        # longest first, then cut; ties keep draw order so the result is deterministic
+        examples.sort(key=lambda e: -(e[0].shape[0] + len(e[1]) + len(e[2])))
+        cut = [examples[j : j + cfg.batch_size] for j in range(0, len(examples) - cfg.batch_size + 1, cfg.batch_size)]
+        order = rng.permutation(len(cut))
+        return [Batch(*map(list, zip(*cut[j]))) for j in order]
+
+
+def _normalise(probs: Sequence[float], n: int) -> np.ndarray:
+    if n == 0:
+        raise ConfigError("training needs at least one dataset")
+    p = np.asarray(probs, dtype=np.float64)
+    if p.shape != (n,) or not np.isfinite(p).all() or (p < 0).any() or p.sum() <= 0:
+        raise ConfigError(f"need one non-negative sampling weight per dataset with a positive sum, got {list(probs)}")
+    return p / p.sum()
+
+
+@contextlib.contextmanager
+def _execution(cfg: TrainConfig):
+    """Threads, determinism and RNG for the run; the caller's settings come back afterwards."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    torch.use_deterministic_algorithms(cfg.precision == "fp32")
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def _make_optimizer(model: AudioLLM, cfg: TrainConfig) -> torch.optim.AdamW:
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for n, p in params if not n.endswith("bias")], "weight_decay": cfg.weight_decay},
+        {"params": [p for n, p in params if n.endswith("bias")], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+
+
+def _checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
+    found = []
+    for p in out_dir.glob(CHECKPOINT_PREFIX + "*"):
+        suffix = p.name[len(CHECKPOINT_PREFIX):]
+        if p.is_dir() and suffix.isdigit() and (p / "state.pt").is_file():
+            found.append((int(suffix), p))
+    return sorted(found)
+
+
+def _save_checkpoint(out_dir: Path, step: int, model, optimizer, sampler, losses, cfg: TrainConfig) -> Path:
+    """Write into a temporary directory, then rename: a kill never leaves a half checkpoint behind."""
+    final = out_dir / f"{CHECKPOINT_PREFIX}{step:08d}"
+    tmp = out_dir / f".tmp-{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_trainable(tmp / FINAL_WEIGHTS)
+    state = {
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "sampler": json.dumps(sampler.state_dict()),
+        "losses": torch.tensor(losses, dtype=torch.float64),
+        "train_config": json.dumps(cfg.identity(), sort_keys=True),
+        "model_config": json.dumps(model.config.to_dict(), sort_keys=True),
+    }
+    torch.save(state, tmp / "state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for _, old in _checkpoints(out_dir)[: -cfg.keep_checkpoints]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _resume(out_dir: Path, model, optimizer, sampler, cfg: TrainConfig) -> tuple[int, list[float]] | None:
+    found = _checkpoints(out_dir)
+    if not found:
+        return None
+    step, path = found[-1]
+    state = torch.load(path / "state.pt", weights_only=True)
+    if json.loads(state["train_config"]) != cfg.identity() or json.loads(state["model_config"]) != model.config.to_dict():
+        raise ConfigError(f"{path} was written by another training or model config; use a fresh output "
+                          "directory (outputs are keyed by their settings) or delete it")
+    model.load_trainable(path / FINAL_WEIGHTS)
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    sampler.load_state_dict(json.loads(state["sampler"]))
+    logger.info("resuming training from %s (step %d)", path, step)
+    return step, state["losses"].tolist()
+
+
+def train(
+    model: AudioLLM,
+    datasets: Sequence[FeatureDataset],
+    probs: Sequence[float],
+    cfg: TrainConfig,
+    out_dir: Path,
+    progress: bool = True,
+    *,
+    stop_at_step: int | None = None,
+) -> TrainResult:
+    """Train ``model`` in place, resuming from the newest checkpoint in ``out_dir`` if there is one.
+
+    Args:
+        model: from `build_model`; its projector and LoRA weights are updated in place.
+        datasets: training FeatureDatasets (one per task).
+        probs: sampling weight per dataset (normalised here), e.g. the track's ``prob`` values.
+        cfg: training settings.
+        out_dir: holds checkpoints and, at the end, ``trainable.safetensors``.
+        progress: show a progress bar.
+        stop_at_step: stop after this step without a checkpoint, as if killed (for tests and time boxes).
+
+    Returns:
+        TrainResult with the loss of every step and the path of the final weights.
+
+    Raises:
+        ConfigError: bad weights, or ``out_dir`` holds checkpoints of another config.
+        DataError: a dataset yields unusable features or no target text.
+    """
+    t0 = time.monotonic()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in out_dir.glob(".tmp-*"):  # a checkpoint interrupted while being written
+        shutil.rmtree(leftover, ignore_errors=True)
+    sampler = BatchSampler(model, datasets, probs, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    with _execution(cfg):
+        optimizer = _make_optimizer(model, cfg)
+        resumed = _resume(out_dir, model, optimizer, sampler, cfg)
+        start, losses = resumed if resumed else (0, [])
+        end = cfg.max_steps if stop_at_step is None else min(cfg.max_steps, stop_at_step)
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+        model.train()
+        with _progress_bar(progress, start, cfg.max_steps) as (bar, task):
+            for step in range(start, end):
+                lr = learning_rate(step, cfg)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                batch = next(sampler)
+                with autocast:
+                    loss = model(batch)
+                if not torch.isfinite(loss):
+                    raise DataError(f"training loss is {loss.item()} at step {step}; check the features for extreme values")
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+                done = step + 1
+                if done % cfg.log_every == 0 or done == cfg.max_steps:
+                    recent = losses[-cfg.log_every:]
+                    logger.info("step %d/%d  loss %.4f  lr %.2e", done, cfg.max_steps, sum(recent) / len(recent), lr)
+                if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
+                    _save_checkpoint(out_dir, done, model, optimizer, sampler, losses, cfg)
+                if bar is not None:
+                    bar.update(task, completed=done, description=f"training  loss {losses[-1]:.3f}")
+        model.eval()
+    steps = len(losses)
+    weights = out_dir / FINAL_WEIGHTS
+    if steps == cfg.max_steps:
+        model.save_trainable(weights)
+    return TrainResult(steps=steps, losses=losses, weights=weights,
+                       resumed_from=resumed[0] if resumed else None, seconds=time.monotonic() - t0)
+
+
+@contextlib.contextmanager
+def _progress_bar(enabled: bool, start: int, total: int):
+    if not enabled:
+        yield None, None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  transient=True) as bar:
+        yield bar, bar.add_task("training", total=total, completed=start)

@@ -67,7 +67,7 @@ MAX_RESPONSE_BYTES = 16 << 20  # response.json larger than this is refused unrea
 LOG_TAIL_LINES = 200  # lines of the (already size-capped) log read back per run
 HOP_TOLERANCE_FRAMES = 2.0  # |T - seconds*1000/hop| allowed, same rule as the probe ...
 HOP_TOLERANCE_RATIO = 0.02  # ... or this fraction of the expected frames, whichever is larger
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+_SAFE_NAME = re.compile(r"^(?!\.{1,2}$)[A-Za-z0-9._-]{1,200}$")
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
@@ -186,9 +186,12 @@ def load_image(client, *, tar_path: Path, image_id: str) -> bool:
 def create_volume(client, *, size_mb: int, max_files: int, labels: dict[str, str]):
     """A tmpfs volume owned by the sandbox user, capped in bytes and in files (inodes)."""
     opts = f"size={size_mb}m,nr_inodes={max_files},uid=65534,gid=65534,mode=0700"
-    return client.volumes.create(
-        driver="local", driver_opts={"type": "tmpfs", "device": "tmpfs", "o": opts}, labels=labels
-    )
+    try:
+        return client.volumes.create(
+            driver="local", driver_opts={"type": "tmpfs", "device": "tmpfs", "o": opts}, labels=labels
+        )
+    except docker.errors.APIError as e:
+        raise EnvironmentUnavailable(f"the Docker engine cannot create a tmpfs volume for /output: {_first_line(e)}") from e
 
 
 def start_container(client, *, image: str, entrypoint: Sequence[str], environment: list[str],
@@ -203,14 +206,16 @@ def start_container(client, *, image: str, entrypoint: Sequence[str], environmen
     if gpu:
         extra["device_requests"] = [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])]
     role = labels.get(LABEL, "sandbox")
-    container = client.containers.create(
-        image, entrypoint=list(entrypoint), command=[], environment=environment, mounts=mounts,
-        labels=labels, detach=True, **flags, **extra,
-    )
+    container = None
     try:
+        container = client.containers.create(
+            image, entrypoint=list(entrypoint), command=[], environment=environment, mounts=mounts,
+            labels=labels, detach=True, **flags, **extra,
+        )
         container.start()
     except docker.errors.APIError as e:
-        remove_container(container)
+        if container is not None:
+            remove_container(container)
         text = _first_line(e)
         if gpu and re.search(r"device driver|gpu|nvidia", text, re.IGNORECASE):
             raise EnvironmentUnavailable(

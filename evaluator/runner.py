@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 RUN_FORMAT = 1  # bump when the layout or the meaning of a stage's output changes
 PREDICTIONS_DIR = "predictions"
+SPOT_CHECK_MIN_CLIPS = 4  # re-extract at least this many clips, however small the share
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,8 @@ class RunOptions:
     machine: str = field(default_factory=platform.node)  # recorded in results.json
     feature_dtype: str = "float16"  # storage dtype of the features
     store_root: Path | None = None  # None: <out>/features
-    limits: Limits = field(default_factory=Limits)
+    memory_mb: int | None = None  # encoder memory cap; None: the manifest's resources.memory_mb
+    gpu: bool = False  # give the encoder a GPU (fails with a message when none is usable)
     spot_check: float = 0.02  # share of one eval task's clips re-extracted and compared (0: off)
     data_home: Path | None = None
     hidden_config: Path | None = None
@@ -114,7 +116,8 @@ def run_submission(archive: Path, track: TrackSpec, opts: RunOptions, *, echo: E
         echo(f"  - {manifest.name} ({manifest.team}): {manifest.kind}, D = {manifest.output_dim}, "
              f"hop {manifest.frame_hop_ms:g} ms, sha256 {sub_sha[:12]}")
         sub_dir = Path(opts.out) / f"{manifest.name}-{sub_sha[:12]}"
-        with _Sandbox(root, manifest, opts.limits, echo) as sandbox:
+        limits = Limits(memory_mb=opts.memory_mb or manifest.resources.memory_mb, gpu=opts.gpu)
+        with _Sandbox(root, manifest, limits, echo) as sandbox:
             probe = run_probe(sandbox.runtime, manifest)
             if not probe.ok:
                 raise SubmissionError(f"{archive.name} fails {len(probe.reasons)} probe check(s)",
@@ -256,7 +259,8 @@ class _Stages:
         rng = random.Random(f"{self.sub_sha}:{len(candidates)}")
         task = rng.choice(candidates)
         store = stores[task.id]
-        wanted = set(sample_keys(store, fraction=self.opts.spot_check, seed=rng.randrange(2**31)))
+        n = min(len(store.entries), max(SPOT_CHECK_MIN_CLIPS, round(self.opts.spot_check * len(store.entries))))
+        wanted = set(sample_keys(store, n=n, seed=rng.randrange(2**31)))
         clips = {c.key: c for c in iter_clips(task, "test", data_home=self.opts.data_home, download=False,
                                               limit=self.opts.limit_clips) if c.key in wanted}
         report = spot_check(self.sandbox.runtime, clips, store, self.manifest)

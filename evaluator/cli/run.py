@@ -71,7 +71,6 @@ def run(submission: Path, track: str | None, train_config: Path | None, eval_con
     is reported and scored 0 ("failed"); the run goes on.
     """
     from evaluator.runner import RunOptions, resolve_track, run_submission
-    from evaluator.sandbox import Limits
 
     if track is None and not (train_config or eval_config):
         raise ConfigError("give --track NAME or --train-config/--eval-config (XARES-LLM YAML)")
@@ -82,10 +81,9 @@ def run(submission: Path, track: str | None, train_config: Path | None, eval_con
     train_spec = None
     if eval_config and not train_config:
         train_spec = resolve_track(track, data_home=data_home, hidden_config=hidden_config)
-    limits = Limits(gpu=gpu, **({"memory_mb": memory_mb} if memory_mb else {}))
     opts = RunOptions(out=out, decoder=decoder, max_steps=max_steps, precision=precision, seed=seed,
                       data_home=data_home, hidden_config=hidden_config, download=not offline,
-                      limit_clips=limit_clips, threads=threads, limits=limits, spot_check=spot_check,
+                      limit_clips=limit_clips, threads=threads, memory_mb=memory_mb, gpu=gpu, spot_check=spot_check,
                       progress=not quiet, **({"machine": machine} if machine else {}))
     outcome = run_submission(submission, spec, opts, echo=click.echo, train_track=train_spec)
     from evaluator.cli.leaderboard import build_table, render_md

@@ -1,0 +1,123 @@
+"""`xares-eval run` end to end on a downsampled demo track: the real template encoder (ONNX), real
+generated shards, a real (tiny) transformers decoder. Checks keys, reuse, failure reporting and exit codes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from evaluator.cli import eval_cli
+from evaluator.data import generate_demo, get_track, iter_clips
+from evaluator.resources import schema_errors, template_dir
+from evaluator.runner import RunOptions, run_submission
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from evaluator.smoke_decoder import build_smoke_decoder
+    from evaluator.submission.build import build
+
+    root = tmp_path_factory.mktemp("run")
+    shutil.copytree(template_dir() / "onnx", root / "encoder")
+    build(root / "encoder", root / "submission.tar")
+    data_home = root / "data"
+    generate_demo("demo-a", data_home / "demo-a")
+    track = get_track("demo-a", data_home=data_home)
+    texts = [t for task in track.train_tasks
+             for c in iter_clips(task, "train", data_home=data_home, limit=16) for t in c.targets]
+    build_smoke_decoder(texts, root / "decoder", steps=60)
+    return root, data_home, track
+
+
+def _opts(root: Path, data_home: Path, **kw) -> RunOptions:
+    base = dict(out=root / "out", decoder=str(root / "decoder"), max_steps=8, data_home=data_home,
+                download=False, limit_clips=6, progress=False, machine="test", max_new_tokens=12,
+                checkpoint_every=4)
+    base.update(kw)
+    return RunOptions(**base)
+
+
+def test_run_writes_schema_valid_results_and_keyed_outputs(world):
+    root, data_home, track = world
+    lines: list[str] = []
+    outcome = run_submission(root / "submission.tar", track, _opts(root, data_home), echo=lines.append)
+    doc = json.loads(outcome.results_path.read_text())
+    assert schema_errors(doc, "results") == []
+    assert doc["track"] == "demo-a" and doc["machine"] == "test"
+    assert sorted(t["task"] for t in doc["tasks"]) == sorted(t.id for t in track.eval_tasks)
+    assert all(t["status"] == "ok" and t["n_samples"] == 6 for t in doc["tasks"])
+    # predictions carry sample ids and references, in data order
+    for task in track.eval_tasks:
+        rows = [json.loads(x) for x in (outcome.run_dir / "predictions" / f"{task.id}.jsonl").read_text().splitlines()]
+        keys = [c.key for c in iter_clips(task, "test", data_home=data_home, limit=6)]
+        assert [r["id"] for r in rows] == keys
+        assert all(r["references"] for r in rows)
+    assert (outcome.run_dir / "scores.tsv").read_text().startswith("rank\tsubmission")
+    assert (outcome.run_dir / "run.log").exists()
+    assert any("probe: 8 checks passed" in line for line in lines)
+
+
+def test_rerun_reuses_everything_and_changed_steps_do_not(world):
+    root, data_home, track = world
+    first = run_submission(root / "submission.tar", track, _opts(root, data_home), echo=lambda s: None)
+    lines: list[str] = []
+    again = run_submission(root / "submission.tar", track, _opts(root, data_home), echo=lines.append)
+    assert again.run_dir == first.run_dir
+    assert again.document["tasks"] == first.document["tasks"]
+    assert sum("0 encoder calls" in line for line in lines) == 2 * len(track.train_tasks)  # train + test stores
+    assert any("reused the finished checkpoint" in line for line in lines)
+
+    changed = run_submission(root / "submission.tar", track, _opts(root, data_home, max_steps=10),
+                             echo=lambda s: None)
+    assert changed.run_dir != first.run_dir
+    train_dirs = sorted(p.name for p in first.run_dir.parent.glob("train-*"))
+    assert len(train_dirs) == 2  # a new decoder for the new step count; the old one is untouched
+
+
+def test_a_task_with_missing_data_fails_alone(world, tmp_path):
+    root, data_home, track = world
+    broken_home = tmp_path / "data"
+    shutil.copytree(data_home, broken_home)
+    victim = track.eval_tasks[0]
+    for shard in (broken_home / "demo-a").rglob("*.tar*"):
+        if "test" in shard.name and victim.id.split("-")[-1] in str(shard):
+            shard.unlink()
+    broken = get_track("demo-a", data_home=broken_home)
+    lines: list[str] = []
+    outcome = run_submission(root / "submission.tar", broken, _opts(root, broken_home, out=tmp_path / "out"),
+                             echo=lines.append)
+    status = {t["task"]: t["status"] for t in outcome.document["tasks"]}
+    assert status[victim.id] == "failed"
+    assert [s for t, s in status.items() if t != victim.id] == ["ok"] * (len(status) - 1)
+    failed = next(t for t in outcome.document["tasks"] if t["task"] == victim.id)
+    assert failed["score"] == 0 and "missing" in failed["error"]
+
+
+class TestCli:
+    def test_broken_tar_is_one_line_exit_1(self, tmp_path):
+        bad = tmp_path / "submission.tar"
+        bad.write_bytes(b"this is not a tar archive")
+        result = CliRunner().invoke(eval_cli, ["run", str(bad), "--track", "demo-a", "--out", str(tmp_path / "o")])
+        assert result.exit_code == 1, result.output
+        assert result.output.startswith("error: ") and "Traceback" not in result.output
+
+    def test_no_track_is_a_usage_error(self, tmp_path):
+        tar = tmp_path / "s.tar"
+        tar.write_bytes(b"x")
+        result = CliRunner().invoke(eval_cli, ["run", str(tar)])
+        assert result.exit_code == 2 and "--track" in result.output
+
+    def test_run_cli_prints_table(self, world):
+        root, data_home, _ = world
+        result = CliRunner().invoke(eval_cli, [
+            "run", str(root / "submission.tar"), "--track", "demo-a", "--data-home", str(data_home),
+            "--decoder", str(root / "decoder"), "--max-steps", "8", "--limit-clips", "6", "--offline",
+            "--out", str(root / "out"), "--quiet", "--machine", "test"])
+        assert result.exit_code == 0, result.output
+        assert "| rank |" in result.output and "Results:" in result.output

@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from evaluator.errors import ConfigError, DataError, SubmissionError
+from evaluator.fileio import atomic_write_text, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +199,7 @@ class FeatureStore:
                     reasons=[f"expected {key.to_dict()}", f"found {found}", "delete the directory to rebuild it"],
                 )
         else:
-            _atomic_write_text(key_file, json.dumps(key.to_dict(), indent=2, sort_keys=True))
+            atomic_write_text(key_file, json.dumps(key.to_dict(), indent=2, sort_keys=True))
         store = cls(path, key)
         if not store.complete:
             store._clean_partial()
@@ -373,7 +374,7 @@ class FeatureStore:
             "entries": [asdict(e) for e in entries],
             "failures": [asdict(f) for f in failures],
         }
-        _atomic_write_text(npy.with_suffix(".json"), json.dumps(part))
+        atomic_write_text(npy.with_suffix(".json"), json.dumps(part), durable=True)
         c.shards[name] = info
         c.dim = dim if c.dim is None else c.dim
         for e in entries:
@@ -411,9 +412,9 @@ class FeatureStore:
             "entries": [asdict(e) for e in sorted(c.entries.values(), key=lambda e: e.ordinal)],
             "failures": [asdict(f) for f in sorted(c.failures.values(), key=lambda f: f.ordinal)],
         }
-        _atomic_write_text(self.path / INDEX_NAME, json.dumps(index))
-        _atomic_write_text(self.path / PROFILE_NAME, json.dumps(profile, indent=2, sort_keys=True))
-        _atomic_write_text(self.path / DONE_NAME, "")
+        atomic_write_text(self.path / INDEX_NAME, json.dumps(index), durable=True)
+        atomic_write_text(self.path / PROFILE_NAME, json.dumps(profile, indent=2, sort_keys=True))
+        atomic_write_text(self.path / DONE_NAME, "", durable=True)
         _fsync_dir(self.path)
 
     def clear(self) -> None:
@@ -443,7 +444,7 @@ class FeatureStore:
             path = self.path / SHARD_DIR / f"{s.name}.npy"
             if not path.exists():
                 problems.append(f"{path}: missing")
-            elif _sha256_file(path) != s.sha256:
+            elif sha256_file(path) != s.sha256:
                 problems.append(f"{path}: sha256 differs from the index")
         return problems
 
@@ -520,13 +521,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _atomic_write_npy(path: Path, array: np.ndarray) -> str:
@@ -537,17 +531,8 @@ def _atomic_write_npy(path: Path, array: np.ndarray) -> str:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    return _sha256_file(path)
+    return sha256_file(path)
 
 
-def _sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
-def sha256_file(path: Path) -> str:
-    """sha256 of a file (submission tar, data shard), read in 1 MiB blocks."""
-    return _sha256_file(Path(path))

@@ -22,7 +22,6 @@ only: nothing is ever downloaded. See `MetricModels`.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import logging
 import os
 import re
@@ -38,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from evaluator.errors import ConfigError, DataError, ModelError
+from evaluator.fileio import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -256,12 +256,6 @@ def _resolve_backbone(model_type: str, override: Path | None) -> Path:
         ) from e
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_caption_scorer(models: MetricModels) -> CaptionScorer:
@@ -302,7 +296,7 @@ def load_caption_scorer(models: MetricModels) -> CaptionScorer:
             f"FENSE/DATE need the mecat package ({e}); install it with: pip install -c constraints.txt mecat"
         ) from e
 
-    if _sha256(models.error_checker) != ECHECKER_SHA256:
+    if sha256_file(models.error_checker) != ECHECKER_SHA256:
         logger.warning("%s is not the official %s checkpoint: FENSE/DATE scores are not comparable with "
                        "the challenge's", models.error_checker, ECHECKER_NAME)
     states = torch.load(models.error_checker, map_location="cpu", weights_only=True)

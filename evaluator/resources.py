@@ -7,7 +7,7 @@ checkout reads them from the repository's top-level ``schemas/`` and ``submissio
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import jsonschema
@@ -32,7 +32,7 @@ def template_dir() -> Path:
     return _find("_template", "submission_template")
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_schema(name: str) -> dict:
     """Load ``schemas/<name>.schema.json`` (e.g. ``load_schema("submission")``)."""
     return json.loads((schemas_dir() / f"{name}.schema.json").read_text())

@@ -19,22 +19,22 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import platform
 import random
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 from evaluator.data import SkipReport, TaskSpec, TrackSpec, get_track, iter_clips, shard_digests
 from evaluator.errors import DataError, SubmissionError, XaresError
 from evaluator.extraction import ExtractionConfig, extract, sample_keys, spot_check
 from evaluator.features import FeatureStore, StoreKey
+from evaluator.fileio import atomic_write_text, sha256_file
 from evaluator.sandbox import Limits, open_runtime
 from evaluator.sandbox.base import Runtime
-from evaluator.submission.archive import safe_unpack, sha256_file, verify_unpacked
+from evaluator.submission.archive import safe_unpack, verify_unpacked
 from evaluator.submission.manifest import Manifest
 from evaluator.submission.probe import run_probe
 
@@ -144,9 +144,8 @@ def run_submission(archive: Path, track: TrackSpec, opts: RunOptions, *, echo: E
                 "skipped": {k: v for k, v in stages.skips.items()},
             })
             results = stages.evaluate(track, eval_stores, model, run_dir)
-    from evaluator.scoring import results_document
-
     from evaluator import __version__
+    from evaluator.scoring import results_document
 
     document = results_document(
         submission=manifest.name, sha256=sub_sha, machine=opts.machine, track=track.name, tasks=results,
@@ -194,7 +193,7 @@ class _Sandbox:
     def calls(self) -> int:
         return self._runtime.calls if self._runtime is not None else 0
 
-    def __enter__(self) -> "_Sandbox":
+    def __enter__(self) -> _Sandbox:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -360,7 +359,7 @@ class _Stages:
         order = {**{e.key: e.ordinal for e in store.entries.values()},
                  **{f.key: f.ordinal for f in store.failures.values()}}
         rows.sort(key=lambda r: order[r["id"]])
-        _write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         return rows
 
     def _caption_scorer(self, task: TaskSpec):
@@ -413,21 +412,10 @@ def _jsonable(obj):
     return obj
 
 
-def _write_text(path: Path, text: str) -> None:
-    """Write atomically (temp file + rename), so a kill never leaves half a file behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _write_json(path: Path, obj) -> None:
-    _write_text(path, json.dumps(_jsonable(obj), indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(path, json.dumps(_jsonable(obj), indent=2, ensure_ascii=False) + "\n")
 
 
 def _write_scores_tsv(path: Path, document: dict) -> None:
@@ -435,7 +423,7 @@ def _write_scores_tsv(path: Path, document: dict) -> None:
     from evaluator.scoring import leaderboard, parse_results
 
     header, body = build_table(leaderboard([parse_results(document, source=str(path))]))
-    _write_text(path, render_tsv(header, body))
+    atomic_write_text(path, render_tsv(header, body))
 
 
 @contextlib.contextmanager

@@ -35,12 +35,11 @@ def demo(out: Path, max_steps: int, decoder_steps: int, quiet: bool) -> None:
     """Run the offline demo end to end and print its leaderboard (CPU, a few minutes)."""
     from evaluator.cli.leaderboard import build_table, render_md
     from evaluator.data import generate_demo, get_track, iter_clips
+    from evaluator.resources import template_dir
     from evaluator.runner import RunOptions, run_submission
     from evaluator.scoring import leaderboard, parse_results
     from evaluator.smoke_decoder import build_smoke_decoder
     from evaluator.submission.build import build
-
-    from evaluator.resources import template_dir
 
     out = out.resolve()
     data_home = out / "data"

@@ -72,8 +72,9 @@ def extract(submission: Path, patterns: tuple[str, ...], out: Path, task: str, s
     from evaluator.data.specs import TaskSpec
     from evaluator.extraction import ExtractionConfig, reused_report
     from evaluator.extraction import extract as run_extraction
+    from evaluator.fileio import sha256_file
     from evaluator.sandbox import Limits, open_runtime
-    from evaluator.submission.archive import safe_unpack, sha256_file, verify_unpacked
+    from evaluator.submission.archive import safe_unpack, verify_unpacked
 
     keys = tuple(k.strip() for k in label_keys.split(";") if k.strip())
     patterns = tuple(_absolute(p) for p in patterns)

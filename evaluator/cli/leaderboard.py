@@ -6,13 +6,12 @@
 from __future__ import annotations
 
 import html
-import os
-import tempfile
 from pathlib import Path
 
 import click
 
 from evaluator import scoring
+from evaluator.fileio import atomic_write_text
 from evaluator.scoring import Row
 
 FIXED_COLUMNS = ("rank", "submission", "sha256", "track", "score", "public", "hidden")
@@ -95,16 +94,6 @@ def render_html(header: list[str], body: list[list[str]]) -> str:
 RENDERERS = {"md": render_md, "tsv": render_tsv, "html": render_html}
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 EPILOG = """\b
@@ -138,5 +127,5 @@ def leaderboard(results: tuple[Path, ...], fmt: str, output: Path | None, decima
     if output is None:
         click.echo(text, nl=False)
     else:
-        _write_atomically(output, text)
+        atomic_write_text(output, text)
         click.echo(f"wrote {output} ({len(rows)} rows)", err=True)

@@ -24,6 +24,7 @@ from pathlib import Path
 from evaluator.data.patterns import expand_braces, has_glob
 from evaluator.data.specs import Split, TaskSpec
 from evaluator.errors import DataError
+from evaluator.fileio import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -271,14 +272,10 @@ def file_sha256(path: Path, *, cache_dir: Path | None = None) -> str:
                 return cached
         except OSError:
             pass
-    h = hashlib.sha256()
     try:
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
+        digest = sha256_file(path)
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror or e})") from e
-    digest = h.hexdigest()
     if entry is not None:
         try:  # atomic: concurrent runs never see half a digest
             entry.parent.mkdir(parents=True, exist_ok=True)

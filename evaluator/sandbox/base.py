@@ -7,8 +7,9 @@ this interface only, so they behave the same whatever the submission kind.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -47,6 +48,6 @@ class Runtime(Protocol):
 
     def close(self) -> None: ...
 
-    def __enter__(self) -> "Runtime": ...
+    def __enter__(self) -> Runtime: ...
 
     def __exit__(self, *exc) -> None: ...

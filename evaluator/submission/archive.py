@@ -14,7 +14,6 @@ second line of defence.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tarfile
@@ -22,6 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
 from evaluator.errors import SubmissionError
+from evaluator.fileio import sha256_file
 from evaluator.submission.manifest import CHECKSUMS_NAME, MANIFEST_NAME, Manifest, PayloadFile
 
 GiB = 1 << 30
@@ -43,13 +43,6 @@ class UnpackLimits:
     max_path_chars: int = 255
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(MiB), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # -- pack --------------------------------------------------------------------------------------------

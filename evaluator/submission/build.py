@@ -29,9 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from evaluator.errors import SubmissionError
+from evaluator.fileio import sha256_file
 from evaluator.sandbox import open_runtime
 from evaluator.sandbox.base import Limits
-from evaluator.submission.archive import DEFAULT_MAX_BYTES, pack, sha256_file
+from evaluator.submission.archive import DEFAULT_MAX_BYTES, pack
 from evaluator.submission.manifest import BUILD_REPORT_NAME, MANIFEST_NAME, SAMPLE_RATE, Manifest
 from evaluator.submission.probe import ProbeConfig, ProbeReport, run_probe
 

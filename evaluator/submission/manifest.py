@@ -71,7 +71,7 @@ class Manifest:
         return 1000.0 / self.frame_hop_ms
 
     @classmethod
-    def from_dict(cls, doc: object) -> "Manifest":
+    def from_dict(cls, doc: object) -> Manifest:
         """Validate against the schema and build. Raises SubmissionError listing every violation."""
         validate_document(doc, "submission", what="manifest.json", error=SubmissionError)
         assert isinstance(doc, dict)
@@ -88,7 +88,7 @@ class Manifest:
         return cls(**d)
 
     @classmethod
-    def load(cls, path: Path) -> "Manifest":
+    def load(cls, path: Path) -> Manifest:
         try:
             doc = json.loads(Path(path).read_text())
         except FileNotFoundError as e:

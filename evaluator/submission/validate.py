@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from evaluator.errors import SubmissionError
+from evaluator.fileio import sha256_file
 from evaluator.sandbox import open_runtime
 from evaluator.sandbox.base import Limits
-from evaluator.submission.archive import UnpackLimits, safe_unpack, sha256_file, verify_unpacked
+from evaluator.submission.archive import UnpackLimits, safe_unpack, verify_unpacked
 from evaluator.submission.manifest import Manifest
 from evaluator.submission.probe import ProbeConfig, ProbeReport, run_probe
 

@@ -10,7 +10,7 @@ DEMO_OUT ?= demo_out
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: setup system-deps docker-ready base-image test test-fast demo lint clean
+.PHONY: setup system-deps docker-ready base-image template-onnx test test-fast demo lint clean
 
 setup: system-deps $(VENV)/.installed
 
@@ -46,6 +46,12 @@ test-fast: setup
 
 demo: setup
 	$(BIN)/xares-eval demo --out $(DEMO_OUT)
+
+# The committed ONNX baseline (submission_template/onnx_model) is the export of submission_template/onnx;
+# tests/test_template.py fails when they drift apart.
+template-onnx: setup
+	$(BIN)/python -c "from pathlib import Path; from evaluator.submission.export import export_encoder; \
+	export_encoder(Path('submission_template/onnx/encoder.py'), Path('submission_template/onnx_model/model.onnx'))"
 
 lint: setup
 	$(BIN)/ruff check evaluator tests benchmarks

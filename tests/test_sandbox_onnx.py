@@ -157,7 +157,9 @@ def test_model_local_function_domain_is_allowed(tmp_path):
     )  # fmt: skip
     nodes = framing_nodes("half")
     nodes.insert(0, helper.make_node("Halve", ["audio"], ["half"], domain="pkg.local"))
-    save(tmp_path / "model.onnx", nodes, framing_inits(), domains=(("", 18), ("pkg.local", 1)), functions=[fn])
+    save(
+        tmp_path / "model.onnx", nodes, framing_inits(), domains=(("", 18), ("pkg.local", 1)), functions=[fn]
+    )
     with open_runtime(tmp_path, bare_manifest(), Limits()) as rt:
         (out,) = rt.encode([ONE_SECOND])
     np.testing.assert_allclose(out[:, 0], 0.05, rtol=1e-6)
@@ -270,7 +272,9 @@ def _run_in(kind, tmp_path, code):
     if command is None:
         pytest.skip(f"{kind} is not installed here")
     argv = command[0][:-1] + ["-c", code]  # the same sandbox, another script
-    return subprocess.run(argv, capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
+    return subprocess.run(
+        argv, capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"}, check=False
+    )
 
 
 def test_bwrap_sandbox_has_no_network_and_sees_only_the_submission(tmp_path):

@@ -236,7 +236,9 @@ def sandbox_command(kind: str, *, root: Path, gpu: bool) -> tuple[list[str], str
     root_uid = os.geteuid() == 0
     drop = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--no-new-privs"]
     if kind in ("bwrap-nobody", "bwrap"):
-        if not shutil.which("bwrap") or (kind == "bwrap-nobody" and not (root_uid and shutil.which("setpriv"))):
+        if not shutil.which("bwrap") or (
+            kind == "bwrap-nobody" and not (root_uid and shutil.which("setpriv"))
+        ):
             return None
         argv = (drop if kind == "bwrap-nobody" else []) + ["bwrap", *_bwrap_flags(worker, root, gpu)]
         argv += ["--", *python, WORKER_IN_SANDBOX]
@@ -311,7 +313,7 @@ def _python_paths() -> list[str]:
     for name in ("numpy", "onnxruntime"):
         spec = importlib.util.find_spec(name)
         if spec and spec.submodule_search_locations:
-            paths.append(os.path.dirname(list(spec.submodule_search_locations)[0]))
+            paths.append(os.path.dirname(next(iter(spec.submodule_search_locations))))
     return [os.path.realpath(p) for p in paths if os.path.isdir(p)] + [p for p in paths if os.path.isdir(p)]
 
 
@@ -348,7 +350,9 @@ class _Worker:
 
     def last_stderr_line(self, limit: int = 300) -> str:
         self._drain.join(timeout=1.0)
-        lines = [ln.strip() for ln in bytes(self._stderr).decode("utf-8", "replace").splitlines() if ln.strip()]
+        lines = [
+            ln.strip() for ln in bytes(self._stderr).decode("utf-8", "replace").splitlines() if ln.strip()
+        ]
         text = lines[-1] if lines else ""
         return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -598,7 +602,9 @@ class OnnxRuntime:
                 if hello.get("event") != "hello":
                     raise _WorkerDied(f"unexpected first message {str(hello)[:100]}")
             except (_WorkerDied, TimeoutError) as e:
-                reason = worker.exit_reason(limits=self.limits) if not isinstance(e, TimeoutError) else "no answer"
+                reason = (
+                    worker.exit_reason(limits=self.limits) if not isinstance(e, TimeoutError) else "no answer"
+                )
                 worker.kill()
                 tried.append(f"{kind}: {reason}")
                 log.debug("sandbox %s did not start: %s", kind, reason)
@@ -607,9 +613,7 @@ class OnnxRuntime:
             if kind == "none":
                 log.warning("the ONNX worker runs WITHOUT network isolation: %s", "; ".join(tried))
             return self._await_ready(deadline)
-        raise EnvironmentUnavailable(
-            "the ONNX worker could not be started under any sandbox", reasons=tried
-        )
+        raise EnvironmentUnavailable("the ONNX worker could not be started under any sandbox", reasons=tried)
 
     def _await_ready(self, deadline: float) -> dict:
         worker = self._worker
@@ -656,9 +660,13 @@ class OnnxRuntime:
             problems.append(f"the model needs inputs the manifest does not name: {extra}")
         audio = inputs.get(self.spec.audio_input)
         if audio is not None and audio["type"] != "tensor(float)":
-            problems.append(f"audio input {audio['name']!r} is {audio['type']}; the contract feeds float32 [B, S]")
+            problems.append(
+                f"audio input {audio['name']!r} is {audio['type']}; the contract feeds float32 [B, S]"
+            )
         if audio is not None and len(audio["shape"]) != 2:
-            problems.append(f"audio input {audio['name']!r} has rank {len(audio['shape'])}; the contract is [B, S]")
+            problems.append(
+                f"audio input {audio['name']!r} has rank {len(audio['shape'])}; the contract is [B, S]"
+            )
         mask = inputs.get(self.spec.mask_input) if self.spec.mask_input else None
         if mask is not None and mask["type"] not in _ORT_MASK_TYPES:
             problems.append(f"mask input {mask['name']!r} is {mask['type']}; use bool, int64 or float")
@@ -777,7 +785,9 @@ class OnnxRuntime:
         ready = self._start()
         if ready["providers"][0] != self._providers[0]:
             self._drop_worker()
-            raise SandboxError(f"the restarted worker runs on {ready['providers'][0]}, not {self._providers[0]}")
+            raise SandboxError(
+                f"the restarted worker runs on {ready['providers'][0]}, not {self._providers[0]}"
+            )
 
     def _split(
         self, feats: np.ndarray, frame_mask: np.ndarray | None, lengths: np.ndarray

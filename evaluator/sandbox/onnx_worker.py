@@ -106,8 +106,10 @@ def set_limits(config: dict) -> dict:
 
 
 def _io(args) -> list[dict]:
-    return [{"name": a.name, "type": a.type, "shape": [d if isinstance(d, int) else None for d in a.shape]}
-            for a in args]
+    return [
+        {"name": a.name, "type": a.type, "shape": [d if isinstance(d, int) else None for d in a.shape]}
+        for a in args
+    ]
 
 
 def _error_kind(text: str) -> str:
@@ -144,7 +146,7 @@ def main() -> int:
     except MemoryError:
         send(proto_out, {"error": "out of memory while loading the model", "kind": "memory"})
         return 1
-    except Exception as e:  # onnxruntime's Fail/InvalidGraph/... and import errors
+    except Exception as e:  # noqa: BLE001 - every failure goes back to the host as a reason
         kind = "memory" if _error_kind(str(e)) == "memory" else "load"
         send(proto_out, {"error": str(e), "kind": kind})
         return 1
@@ -181,7 +183,7 @@ def main() -> int:
         except MemoryError:
             send(proto_out, {"ok": False, "error": "out of memory", "kind": "memory"})
             continue
-        except Exception as e:  # onnxruntime's RuntimeException/Fail/InvalidArgument
+        except Exception as e:  # noqa: BLE001 - onnxruntime's own error types, reported to the host
             send(proto_out, {"ok": False, "error": str(e), "kind": _error_kind(str(e))})
             continue
         send(proto_out, {"ok": True, "arrays": len(arrays), "peak_mb": status_mb("VmHWM")}, arrays)

@@ -4,22 +4,41 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
 def pytest_collection_modifyitems(config, items):
-    import pytest
+    import torch
 
-    try:
-        import torch
-
-        has_gpu = torch.cuda.is_available()
-    except Exception:  # torch missing or broken: no GPU tests either way
-        has_gpu = False
-    if not has_gpu:
+    if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="no usable CUDA device on this machine")
         for item in items:
             if "requires_gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def docker_client():
+    """A Docker engine with the offline base image, or a skip (a failure under CI, which must run them)."""
+    import docker
+    from evaluator.errors import EnvironmentUnavailable
+    from evaluator.sandbox import docker_runtime
+
+    try:
+        client = docker_runtime.connect(timeout=300)
+    except EnvironmentUnavailable as e:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the Docker tests, but: {e}")
+        pytest.skip(f"no Docker engine here ({e}); run `bash docker/ci-docker.sh` to start one")
+    try:
+        client.images.get(docker_runtime.KEEPER_IMAGE)
+    except docker.errors.ImageNotFound:
+        if os.environ.get("CI"):
+            pytest.fail(f"{docker_runtime.KEEPER_IMAGE} is missing; .ci/run must build it (make base-image)")
+        pytest.skip(f"{docker_runtime.KEEPER_IMAGE} is missing: run `make base-image`")
+    yield client
+    client.close()

@@ -36,7 +36,6 @@ from evaluator.sandbox.docker_runtime import (
     LABEL,
     RUN_LABEL,
     ContainerRuntime,
-    connect,
     load_image,
     user_error,
 )
@@ -52,21 +51,8 @@ LENGTHS = (16000, 8000, 12345)  # samples: 1 s, 0.5 s, an odd length
 
 
 @pytest.fixture(scope="module")
-def client():
-    try:
-        c = connect(timeout=300)
-    except EnvironmentUnavailable as e:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the Docker tests, but: {e}")
-        pytest.skip(f"no Docker engine here ({e}); run `bash docker/ci-docker.sh` to start one")
-    try:
-        c.images.get(BASE)
-    except docker.errors.ImageNotFound:
-        if os.environ.get("CI"):
-            pytest.fail(f"{BASE} is missing; .ci/run must build it (make base-image)")
-        pytest.skip(f"{BASE} is missing: run `make base-image`")
-    yield c
-    c.close()
+def client(docker_client):
+    return docker_client
 
 
 @pytest.fixture(scope="module")

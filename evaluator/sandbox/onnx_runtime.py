@@ -856,6 +856,7 @@ def error_line(e: BaseException, limit: int = 300) -> str:
     node = re.search(r"running (\w+) node\..*?Status Message: (.*)", text)
     if node:  # drop onnxruntime's source location and C++ signature, keep the op and the message
         text = f"{node.group(1)} node failed: " + re.sub(r"^.*? was false\. ", "", node.group(2))
+    text = re.sub(r"/\S+\.(?:cc|cpp|h):\d+ .*?\)\s+", "", text)  # a C++ source location and signature
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

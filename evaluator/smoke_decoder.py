@@ -155,24 +155,28 @@ def build_smoke_decoder(
 
 
 def _pretrain(model, tokenizer, texts: list[str], *, steps: int, seed: int, batch_size: int) -> None:
-    """Causal-LM training on ``text<eos>`` (loss on every token, padding ignored)."""
-    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
+    """Causal-LM training on packed rows ``<eos> text <eos> text <eos> ...`` (loss on every token).
+
+    Packing with a leading EOS teaches both ends of an answer: which first token follows a separator (in
+    the AudioLLM the prompt plays that part) and that EOS follows a complete text.
+    """
+    eos = tokenizer.eos_token_id
+    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    row_len = max(32, 2 * max(len(ids) for ids in encoded) + 2)
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     model.train()
     for step in range(steps):
-        batch = [encoded[rng.randrange(len(encoded))] for _ in range(batch_size)]
-        width = max(len(ids) for ids in batch)
-        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(batch), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, ids in enumerate(batch):  # right padding
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            labels[row, : len(ids)] = torch.tensor(ids)
-            mask[row, : len(ids)] = 1
+        rows = []
+        for _ in range(batch_size):
+            row = [eos]
+            while len(row) < row_len:
+                row += encoded[rng.randrange(len(encoded))] + [eos]
+            rows.append(row[:row_len])
+        input_ids = torch.tensor(rows, dtype=torch.long)  # [B, row_len], no padding needed
         for group in optimizer.param_groups:  # short linear warm-up, then linear decay to 10 %
             group["lr"] = 3e-3 * min((step + 1) / 20, 1.0 - 0.9 * step / steps)
-        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        loss = model(input_ids=input_ids, labels=input_ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

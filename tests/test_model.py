@@ -1,0 +1,165 @@
+"""Model: trainable set, row layout (labels, masks, positions), trainable-only checkpoints, load errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from evaluator.errors import ModelError
+from evaluator.model import IGNORE_INDEX, Batch, ModelConfig, build_model, load_model
+from evaluator.smoke_decoder import build_smoke_decoder
+
+D = 12
+
+
+@pytest.fixture(scope="module")
+def decoder_dir(tmp_path_factory):
+    # no pre-training needed here: random weights from a config + a locally trained tokenizer
+    return build_smoke_decoder(["a dog barks", "rain falls", "hello world"], tmp_path_factory.mktemp("dec"),
+                               steps=0, hidden_size=64)
+
+
+@pytest.fixture()
+def model(decoder_dir):
+    return build_model(ModelConfig(encoder_dim=D, decoder=str(decoder_dir)))
+
+
+def _batch(model, frames=(5, 2), texts=("a dog barks", "rain")):
+    g = torch.Generator().manual_seed(0)
+    return Batch(features=[torch.randn(t, D, generator=g) for t in frames],
+                 prompt_ids=[model.prompt_ids("Classify the sound.")] * len(frames),
+                 target_ids=[model.target_ids(t) for t in texts])
+
+
+class TestTrainable:
+    def test_only_projector_and_lora_train(self, model):
+        names = model.trainable_names()
+        assert {"projector.weight", "projector.bias"} <= set(names)
+        assert all(n.startswith("projector.") or ".lora_A." in n or ".lora_B." in n for n in names)
+        # LoRA on all linear layers of every block (q,k,v,o,gate,up,down), A and B each
+        n_blocks = model.decoder.get_base_model().config.num_hidden_layers
+        assert sum(".lora_" in n for n in names) == n_blocks * 7 * 2
+        frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+        assert any("embed_tokens" in n for n in frozen) and not any("lora_" in n for n in frozen)
+
+    def test_lora_settings_are_the_protocol(self, model):
+        cfg = model.decoder.peft_config["default"]
+        assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.bias) == (8, 32, 0.1, "none")
+
+    def test_same_seed_same_init(self, decoder_dir):
+        a = build_model(ModelConfig(encoder_dim=D, decoder=str(decoder_dir)), seed=3).trainable_state()
+        b = build_model(ModelConfig(encoder_dim=D, decoder=str(decoder_dir)), seed=3).trainable_state()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+class TestLayout:
+    def test_labels_mask_audio_and_prompt(self, model):
+        batch = _batch(model)
+        x = model.embed(batch, padding_side="right")
+        prompt = len(batch.prompt_ids[0])
+        for row, (t, target) in enumerate(zip((5, 2), batch.target_ids)):
+            labels = x.labels[row].tolist()
+            assert labels[: t + prompt] == [IGNORE_INDEX] * (t + prompt)
+            assert labels[t + prompt : t + prompt + len(target)] == target
+            assert target[-1] == model.eos_token_id
+            assert all(v == IGNORE_INDEX for v in labels[t + prompt + len(target):])
+
+    @pytest.mark.parametrize("side", ["left", "right"])
+    def test_audio_mask_in_front_of_text_mask(self, model, side):
+        batch = _batch(model)
+        x = model.embed(batch, padding_side=side)
+        width = x.attention_mask.shape[1]
+        for row, t in enumerate((5, 2)):
+            n_text = len(batch.prompt_ids[row]) + len(batch.target_ids[row])
+            real = torch.cat([torch.ones(t), torch.ones(n_text)]).long()  # audio frame mask + text mask
+            pad = torch.zeros(width - len(real), dtype=torch.long)
+            expected = torch.cat([real, pad] if side == "right" else [pad, real])
+            assert torch.equal(x.attention_mask[row], expected)
+            assert x.position_ids[row][x.attention_mask[row].bool()].tolist() == list(range(len(real)))
+        # the audio frames sit right before the prompt embedding, whatever the padding
+        first = model.projector(batch.features[1])
+        start = 0 if side == "right" else width - (2 + len(batch.prompt_ids[1]) + len(batch.target_ids[1]))
+        assert torch.allclose(x.inputs_embeds[1, start : start + 2], first)
+
+    def test_padding_does_not_change_a_row(self, model):
+        model.eval()
+        batch = _batch(model)
+        alone = Batch(batch.features[1:], batch.prompt_ids[1:], batch.target_ids[1:])
+        with torch.no_grad():
+            assert torch.allclose(model(alone), _row_loss(model, batch, 1), atol=1e-5)
+
+    def test_loss_is_finite_and_differentiable(self, model):
+        model.train()
+        loss = model(_batch(model))
+        loss.backward()
+        assert torch.isfinite(loss) and model.projector.weight.grad.abs().sum() > 0
+
+
+def _row_loss(model, batch, row):
+    x = model.embed(batch, padding_side="right")
+    logits = model.decoder(inputs_embeds=x.inputs_embeds, attention_mask=x.attention_mask,
+                           position_ids=x.position_ids).logits[row, :-1]
+    return torch.nn.functional.cross_entropy(logits, x.labels[row, 1:], ignore_index=IGNORE_INDEX)
+
+
+class TestCheckpoint:
+    def test_round_trip_holds_only_projector_and_lora(self, model, tmp_path):
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p))
+        path = tmp_path / "w.safetensors"
+        model.save_trainable(path)
+        with safe_open(str(path), framework="pt") as f:
+            keys, meta = set(f.keys()), f.metadata()
+        assert keys == set(model.trainable_names())
+        assert json.loads(meta["model_config"])["encoder_dim"] == D
+        n_saved = sum(model.trainable_state()[k].numel() for k in keys)
+        assert n_saved < 0.5 * sum(p.numel() for p in model.parameters())
+        again = load_model(path)
+        assert again.config == model.config
+        for k, v in model.trainable_state().items():
+            assert torch.equal(again.trainable_state()[k], v)
+        model.eval(), again.eval()
+        with torch.no_grad():
+            assert torch.equal(model(_batch(model)), again(_batch(again)))
+
+    def test_refuses_other_model(self, model, decoder_dir, tmp_path):
+        path = tmp_path / "w.safetensors"
+        model.save_trainable(path)
+        other = build_model(ModelConfig(encoder_dim=D + 1, decoder=str(decoder_dir)))
+        with pytest.raises(ModelError, match="made for"):
+            other.load_trainable(path)
+
+    def test_corrupt_file(self, model, tmp_path):
+        bad = tmp_path / "bad.safetensors"
+        bad.write_bytes(b"\x00garbage" * 10)
+        with pytest.raises(ModelError, match="cannot read"):
+            model.load_trainable(bad)
+
+
+class TestLoading:
+    def test_missing_hub_model_says_how_to_fix(self, monkeypatch, tmp_path):
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        monkeypatch.setenv("HF_HOME", str(tmp_path))
+        with pytest.raises(ModelError, match=r"SmolLM2-135M.*(--decoder PATH)"):
+            build_model(ModelConfig(encoder_dim=D))
+
+    def test_missing_directory(self, tmp_path):
+        with pytest.raises(ModelError, match="does not exist"):
+            build_model(ModelConfig(encoder_dim=D, decoder=str(tmp_path / "nope")))
+
+    def test_bad_config(self):
+        with pytest.raises(ModelError):
+            ModelConfig(encoder_dim=0)
+        with pytest.raises(ModelError):
+            ModelConfig(encoder_dim=4, dtype="float8")
+
+    def test_features_are_cast_from_float16(self, model):
+        batch = _batch(model)
+        batch.features = [torch.from_numpy(np.asarray(f.numpy(), dtype=np.float16)) for f in batch.features]
+        assert torch.isfinite(model(batch))

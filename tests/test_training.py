@@ -1,0 +1,168 @@
+"""Training: schedule, config checks, sampler, loss goes down, a killed run resumes bit for bit,
+and a trained tiny model beats chance on a generated task."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from evaluator.errors import ConfigError, DataError
+from evaluator.generation import DecodingOptions, generate
+from evaluator.model import ModelConfig, build_model
+from evaluator.smoke_decoder import build_smoke_decoder
+from evaluator.training import BatchSampler, TrainConfig, learning_rate, train
+
+D = 16
+CLASSES = ("a dog barks", "rain falls on the roof", "a cat meows")
+
+
+class ToyTask:
+    """Features carry the class id (one-hot * 3) under unit noise; the target is the class text."""
+
+    def __init__(self, n: int, seed: int, task: str = "toy", prompt: str = "Classify the sound."):
+        rng = np.random.default_rng(seed)
+        self.task, self.prompt = task, prompt
+        self.y = rng.integers(0, 3, n)
+        self.x = [(np.eye(D)[c] * 3 + rng.normal(0, 1, (int(rng.integers(3, 12)), D))).astype(np.float16)
+                  for c in self.y]
+
+    def __len__(self):
+        return len(self.y)
+
+    def key(self, i):
+        return f"{self.task}/{i:04d}"
+
+    def features(self, i):
+        return self.x[i]
+
+    def targets(self, i):
+        return (CLASSES[self.y[i]],)
+
+
+@pytest.fixture(scope="module")
+def decoder_dir(tmp_path_factory):
+    return build_smoke_decoder(list(CLASSES) * 4, tmp_path_factory.mktemp("dec"), steps=150, hidden_size=64, threads=1)
+
+
+def _model(decoder_dir):
+    return build_model(ModelConfig(encoder_dim=D, decoder=str(decoder_dir)))
+
+
+# one thread: the test machine is shared, and oversubscribed OpenMP threads slow down 10x
+FAST = dict(warmup_steps=5, learning_rate=1e-3, sort_buffer=16, threads=1, log_every=10)
+
+
+class TestSchedule:
+    def test_phases(self):
+        cfg = TrainConfig(max_steps=1000, warmup_steps=200, learning_rate=1e-4)
+        assert learning_rate(0, cfg) == 0.0  # HF Trainer: the first step runs at lr 0
+        assert learning_rate(100, cfg) == pytest.approx(5e-5)
+        assert learning_rate(200, cfg) == pytest.approx(1e-4)
+        assert learning_rate(600, cfg) == pytest.approx(5e-5)
+        assert learning_rate(1000, cfg) == 0.0
+
+    def test_defaults_are_the_protocol(self):
+        cfg = TrainConfig()
+        assert (cfg.learning_rate, cfg.warmup_steps, cfg.weight_decay, cfg.max_grad_norm, cfg.batch_size,
+                cfg.seed, cfg.precision) == (1e-4, 200, 0.01, 1.0, 4, 42, "fp32")
+
+    @pytest.mark.parametrize("bad", [dict(max_steps=0), dict(precision="fp16"), dict(batch_size=8, sort_buffer=4),
+                                     dict(threads=0), dict(crop_frames=0), dict(learning_rate=-1.0)])
+    def test_rejects_bad_config(self, bad):
+        with pytest.raises(ConfigError):
+            TrainConfig(**bad)
+
+
+class TestSampler:
+    def test_mixes_by_weight_and_resumes(self, decoder_dir):
+        model = _model(decoder_dir)
+        a, b = ToyTask(40, 0, task="a"), ToyTask(40, 1, task="b", prompt="Other prompt.")
+        cfg = TrainConfig(batch_size=4, sort_buffer=32, crop_frames=6)
+        sampler = BatchSampler(model, [a, b], [1, 3], cfg)
+        first = [next(sampler) for _ in range(30)]
+        prompts = [p for batch in first for p in batch.prompt_ids]
+        share_b = sum(p == model.prompt_ids(b.prompt) for p in prompts) / len(prompts)
+        assert 0.6 < share_b < 0.9  # weight 3 of 4
+        assert max(f.shape[0] for batch in first for f in batch.features) <= 6  # cropped
+        # a fresh sampler with the saved state continues with exactly the same batches
+        again = BatchSampler(model, [a, b], [1, 3], cfg)
+        replay = BatchSampler(model, [a, b], [1, 3], cfg)
+        for _ in range(13):
+            next(replay)
+        again.load_state_dict(replay.state_dict())
+        for want in first[13:]:
+            got = next(again)
+            assert got.target_ids == want.target_ids
+            assert all(torch.equal(x, y) for x, y in zip(got.features, want.features))
+
+    def test_batches_are_length_sorted(self, decoder_dir):
+        model = _model(decoder_dir)
+        sampler = BatchSampler(model, [ToyTask(64, 2)], [1], TrainConfig(batch_size=4, sort_buffer=64))
+        spreads = [max(f.shape[0] for f in b.features) - min(f.shape[0] for f in b.features)
+                   for b in (next(sampler) for _ in range(16))]
+        assert np.mean(spreads) <= 2  # unsorted batches of 3..11 frames spread ~5
+
+    def test_bad_inputs(self, decoder_dir):
+        model = _model(decoder_dir)
+        with pytest.raises(ConfigError):
+            BatchSampler(model, [ToyTask(4, 0)], [0], TrainConfig())
+        wrong = ToyTask(8, 0)
+        wrong.x = [x[:, :5] for x in wrong.x]
+        with pytest.raises(DataError, match="shape"):
+            next(BatchSampler(model, [wrong], [1], TrainConfig(sort_buffer=4)))
+        nan = ToyTask(8, 0)
+        nan.x[0][0, 0] = np.nan
+        nan.x = [nan.x[0]] * 8
+        with pytest.raises(DataError, match="NaN"):
+            next(BatchSampler(model, [nan], [1], TrainConfig(sort_buffer=4)))
+
+
+class TestTrain:
+    def test_loss_decreases(self, decoder_dir, tmp_path):
+        result = train(_model(decoder_dir), [ToyTask(64, 0)], [1.0], TrainConfig(max_steps=120, **FAST),
+                       tmp_path, progress=False)
+        assert result.steps == 120 and result.weights.exists()
+        # the pre-trained decoder already knows the texts: what is left to learn is the class (~ln 3 / 4 tokens)
+        assert np.mean(result.losses[-10:]) < 0.6 * np.mean(result.losses[:10])
+
+    def test_killed_run_resumes_bit_for_bit(self, decoder_dir, tmp_path):
+        cfg = TrainConfig(max_steps=12, checkpoint_every=5, **FAST)
+        data = [ToyTask(48, 0), ToyTask(48, 1, task="b")]
+        whole = _model(decoder_dir)
+        full = train(whole, data, [1, 2], cfg, tmp_path / "whole", progress=False)
+
+        run = tmp_path / "killed"
+        part = train(_model(decoder_dir), data, [1, 2], cfg, run, progress=False, stop_at_step=8)
+        assert part.steps == 8 and not part.weights.exists()  # "killed" after step 8, last checkpoint at 5
+        (run / ".tmp-checkpoint-00000010").mkdir()  # a checkpoint cut short by the kill
+        resumed_model = _model(decoder_dir)  # a new process: fresh model
+        resumed = train(resumed_model, data, [1, 2], cfg, run, progress=False)
+        assert resumed.resumed_from == 5 and resumed.steps == 12
+        assert resumed.losses == full.losses
+        a, b = whole.trainable_state(), resumed_model.trainable_state()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        assert not (run / ".tmp-checkpoint-00000010").exists()
+
+    def test_finished_run_is_reused_and_other_config_refused(self, decoder_dir, tmp_path):
+        cfg = TrainConfig(max_steps=3, **FAST)
+        train(_model(decoder_dir), [ToyTask(16, 0)], [1], cfg, tmp_path, progress=False)
+        again = train(_model(decoder_dir), [ToyTask(16, 0)], [1], cfg, tmp_path, progress=False)
+        assert again.resumed_from == 3 and again.steps == 3
+        with pytest.raises(ConfigError, match="another training"):
+            train(_model(decoder_dir), [ToyTask(16, 0)], [1], TrainConfig(max_steps=4, **FAST), tmp_path,
+                  progress=False)
+
+    def test_bf16_mode_trains(self, decoder_dir, tmp_path):
+        result = train(_model(decoder_dir), [ToyTask(32, 0)], [1], TrainConfig(max_steps=20, precision="bf16", **FAST),
+                       tmp_path, progress=False)
+        assert all(np.isfinite(result.losses)) and np.mean(result.losses[-5:]) < np.mean(result.losses[:5])
+
+    @pytest.mark.slow
+    def test_trained_model_beats_chance(self, decoder_dir, tmp_path):
+        model = _model(decoder_dir)
+        train(model, [ToyTask(200, 0)], [1], TrainConfig(max_steps=200, **FAST), tmp_path, progress=False)
+        test = ToyTask(60, 99)
+        predictions = generate(model, test, DecodingOptions(max_new_tokens=20), progress=False)
+        accuracy = np.mean([p.text == CLASSES[y] for p, y in zip(predictions, test.y)])
+        assert accuracy > 0.8, accuracy  # chance is 1/3

@@ -1,0 +1,132 @@
+"""Generation: option checks, dataset order with keys, our KV loop agrees with stock generate, EOS stops."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from evaluator.errors import ConfigError, DataError
+from evaluator.generation import DecodingOptions, Prediction, generate
+from evaluator.model import ModelConfig, build_model
+from evaluator.smoke_decoder import build_smoke_decoder
+
+D = 8
+TEXTS = ["a dog barks", "rain falls on the roof", "a cat meows", "the bell rings twice"]
+
+
+class Items:
+    def __init__(self, frames, seed=0):
+        rng = np.random.default_rng(seed)
+        self.task, self.prompt = "toy", "Describe the sound."
+        self.x = [rng.normal(0, 1, (t, D)).astype(np.float16) for t in frames]
+
+    def __len__(self):
+        return len(self.x)
+
+    def key(self, i):
+        return f"shard-0/{i:03d}"
+
+    def features(self, i):
+        return self.x[i]
+
+    def targets(self, i):
+        return ("unused",)
+
+
+@pytest.fixture(scope="module")
+def random_model(tmp_path_factory):
+    """Random decoder weights: it (almost) never emits EOS, the reference's worst case."""
+    path = build_smoke_decoder(TEXTS, tmp_path_factory.mktemp("rand"), steps=0, hidden_size=64)
+    return build_model(ModelConfig(encoder_dim=D, decoder=str(path)))
+
+
+@pytest.fixture(scope="module")
+def lm_model(tmp_path_factory):
+    """Pre-trained on the texts, so it answers a text and stops at EOS."""
+    path = build_smoke_decoder(TEXTS, tmp_path_factory.mktemp("lm"), steps=150, hidden_size=64, threads=1)
+    return build_model(ModelConfig(encoder_dim=D, decoder=str(path)))
+
+
+class TestOptions:
+    def test_defaults_are_the_protocol(self):
+        o = DecodingOptions()
+        assert (o.greedy, o.repetition_penalty, o.max_new_tokens) == (True, 1.05, 150)
+
+    @pytest.mark.parametrize("bad", [
+        dict(temperature=0.7),  # greedy ignores temperature
+        dict(greedy=False),  # sampling needs a temperature
+        dict(max_new_tokens=0), dict(batch_size=0), dict(repetition_penalty=0.0),
+        dict(engine="beam"), dict(precision="bf16", merge_lora=False),
+    ])
+    def test_rejects_incompatible(self, bad):
+        with pytest.raises(ConfigError):
+            DecodingOptions(**bad)
+
+
+class TestGenerate:
+    def test_dataset_order_and_keys(self, lm_model):
+        items = Items([3, 9, 1, 7, 2, 8, 5])  # length sorting reorders these inside the engine
+        preds = generate(lm_model, items, DecodingOptions(batch_size=2, max_new_tokens=12), progress=False)
+        assert [p.key for p in preds] == [items.key(i) for i in range(len(items))]
+        assert all(isinstance(p, Prediction) and p.text == p.text.strip() for p in preds)
+        # each prediction is that item's own answer: decoding it alone gives the same text
+        for i in (0, 3, 6):
+            one = Items([len(items.x[i])])
+            one.x = [items.x[i]]
+            alone = generate(lm_model, one, DecodingOptions(batch_size=1, max_new_tokens=12), progress=False)
+            assert alone[0].text == preds[i].text
+
+    @pytest.mark.parametrize("merge", [False, True])
+    def test_kv_loop_matches_stock_generate(self, random_model, merge):
+        items = Items([4, 6, 2, 5], seed=1)
+        common = dict(batch_size=4, max_new_tokens=20, repetition_penalty=1.3, merge_lora=merge)
+        ours = generate(random_model, items, DecodingOptions(engine="kv", **common), progress=False)
+        stock = generate(random_model, items, DecodingOptions(engine="hf", **common), progress=False)
+        assert [p.text for p in ours] == [p.text for p in stock]
+        assert all(p.text for p in ours)
+
+    def test_stops_at_eos_and_when_all_rows_finish(self, lm_model, monkeypatch):
+        decoder_calls = []
+        real = torch.nn.Module.__call__
+
+        def counting(module, *args, **kwargs):
+            if module.__class__.__name__ == "LlamaForCausalLM":
+                decoder_calls.append(1)
+            return real(module, *args, **kwargs)
+
+        monkeypatch.setattr(torch.nn.Module, "__call__", counting)
+        items = Items([3, 4, 5, 6])
+        preds = generate(lm_model, items, DecodingOptions(batch_size=4, max_new_tokens=150), progress=False)
+        n_tokens = [len(lm_model.tokenizer(p.text, add_special_tokens=False)["input_ids"]) for p in preds]
+        assert max(n_tokens) < 20  # answers are short texts, far from 150 tokens
+        # one prefill + one call per new token of the longest answer (its EOS needs no further call)
+        assert len(decoder_calls) <= 1 + max(n_tokens)
+
+    def test_no_eos_runs_to_max_new_tokens(self, random_model):
+        preds = generate(random_model, Items([3]), DecodingOptions(max_new_tokens=7, repetition_penalty=1.0),
+                         progress=False)
+        assert len(random_model.tokenizer(preds[0].text, add_special_tokens=False)["input_ids"]) >= 5
+
+    def test_model_left_unchanged(self, lm_model):
+        before = {k: v.clone() for k, v in lm_model.trainable_state().items()}
+        lm_model.train()
+        generate(lm_model, Items([3, 4]), DecodingOptions(max_new_tokens=5), progress=False)
+        assert lm_model.training
+        assert all(torch.equal(before[k], v) for k, v in lm_model.trainable_state().items())
+        assert not any(getattr(m, "merged", False) for m in lm_model.decoder.modules())
+
+    def test_bad_features(self, lm_model):
+        items = Items([3, 4])
+        items.x[1] = items.x[1][:, :3]
+        with pytest.raises(DataError, match="shape"):
+            generate(lm_model, items, DecodingOptions(max_new_tokens=5), progress=False)
+
+    def test_empty_dataset(self, lm_model):
+        assert generate(lm_model, Items([]), progress=False) == []
+
+    def test_sampling_is_seeded(self, lm_model):
+        o = DecodingOptions(greedy=False, temperature=1.5, max_new_tokens=8, seed=7)
+        a = generate(lm_model, Items([3, 4, 5]), o, progress=False)
+        b = generate(lm_model, Items([3, 4, 5]), o, progress=False)
+        assert a == b

@@ -190,11 +190,26 @@ def test_external_data_outside_the_submission_refused(tmp_path, location, reason
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written anywhere
 
 
-def test_external_data_inside_still_breaks_the_single_file_contract(tmp_path):
-    (tmp_path / "w.bin").write_bytes(np.ones(8, np.float32).tobytes())
-    external_data_model(tmp_path / "model.onnx", "w.bin")
-    with pytest.raises(SubmissionError, match="single self-contained"):
+def test_external_data_inside_the_submission_is_read(tmp_path):
+    """Models over protobuf's 2 GB limit keep weights beside the .onnx file: allowed when inside."""
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "w.bin").write_bytes(np.full(8, 2.0, np.float32).tobytes())
+    external_data_model(tmp_path / "model.onnx", "weights/w.bin")
+    with open_runtime(tmp_path, bare_manifest(), Limits()) as rt:
+        (out,) = rt.encode([ONE_SECOND])
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    save(plain / "model.onnx", framing_nodes("audio"), framing_inits())
+    with open_runtime(plain, bare_manifest(), Limits()) as rt:
+        (ref,) = rt.encode([ONE_SECOND])
+    np.testing.assert_allclose(out, 2.0 * ref, rtol=1e-6)  # the weight really came from w.bin
+
+
+def test_missing_external_data_refused(tmp_path):
+    external_data_model(tmp_path / "model.onnx", "nowhere.bin")
+    with pytest.raises(SubmissionError) as e:
         open_runtime(tmp_path, bare_manifest(), Limits())
+    assert any("is not a file in the submission" in r for r in e.value.reasons)
 
 
 # -- stopped while running ----------------------------------------------------------------------------

@@ -101,6 +101,37 @@ class TestOnnxFolders:
         )
         assert validate(tmp_path / "s.tar", ValidateOptions(probe=FAST.probe)).probe.ok
 
+    def test_external_data_inside_the_folder_is_packed(self, tmp_path):
+        folder = tmp_path / "big"
+        folder.mkdir()
+        make_onnx(folder / "model.onnx", dim=12, external_data=True)  # weights in model.onnx.data
+        (folder / "notes.txt").write_text("not referenced: stays out of the archive")
+        (folder / "manifest.json").write_text(json.dumps({"name": "big", "team": "t"}))
+        result = build(folder, tmp_path / "s.tar", FAST)
+        with tarfile.open(tmp_path / "s.tar") as tar:
+            names = set(tar.getnames())
+        assert {"model.onnx", "model.onnx.data"} <= names and "notes.txt" not in names
+        assert {f.path for f in result.manifest.files} >= {"model.onnx", "model.onnx.data"}
+        assert validate(tmp_path / "s.tar", ValidateOptions(probe=FAST.probe)).probe.ok
+
+    def test_external_data_outside_the_folder_refused(self, tmp_path):
+        folder = tmp_path / "escape"
+        folder.mkdir()
+        make_onnx(tmp_path / "model.onnx", external_data=True)
+        (tmp_path / "model.onnx").rename(folder / "model.onnx")  # its data stays one level up
+        import onnx
+
+        model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+        for t in model.graph.initializer:
+            for e in t.external_data:
+                if e.key == "location":
+                    e.value = "../model.onnx.data"
+        onnx.save(model, str(folder / "model.onnx"))
+        with pytest.raises(SubmissionError) as e:
+            build(folder, tmp_path / "s.tar", FAST)
+        assert any("climbs out with '..'" in r for r in e.value.reasons)
+        assert not (tmp_path / "s.tar").exists()
+
     def test_broken_onnx_refused(self, tmp_path):
         folder = tmp_path / "nan"
         folder.mkdir()

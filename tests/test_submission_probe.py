@@ -117,9 +117,10 @@ class TestRuntime:
             (out,) = rt.encode([np.ones(1600, np.float32)])
         assert out.dtype == np.float32
 
-    def test_external_data_refused(self, tmp_path):
-        with pytest.raises(SubmissionError, match="external data"):
-            start(tmp_path, external_data=True)
+    def test_external_data_beside_the_model_is_allowed(self, tmp_path):
+        with start(tmp_path, external_data=True) as rt:
+            (out,) = rt.encode([np.ones(16000, np.float32)])
+        assert (tmp_path / "model.onnx.data").exists() and out.shape[0] == 50
 
     def test_garbage_model_refused(self, tmp_path):
         (tmp_path / "model.onnx").write_bytes(b"not a protobuf" * 10)

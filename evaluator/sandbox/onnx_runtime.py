@@ -2,8 +2,8 @@
 
 Before anything runs, the host reads the graph as data (`check_model`): only operator domains that
 onnxruntime implements itself, no custom-op library (none is ever registered), and every external-data
-reference must stay inside the submission (relative, no ``..``, no link); the contract then asks for a
-single self-contained file. The session itself lives in `evaluator.sandbox.onnx_worker`, started once
+reference must name a file inside the submission (relative, no ``..``, no link), so a model over
+protobuf's 2 GB limit can keep its weights beside the .onnx file. The session itself lives in `evaluator.sandbox.onnx_worker`, started once
 per runtime under the strongest isolation this host allows (`SANDBOXES`, tried in order; the one in
 force is spelled out in ``isolation``): bubblewrap with no network, its own pid/ipc/uts namespaces, a
 read-only view of the interpreter and the submission only, as uid 65534; else ``unshare``; else a
@@ -101,21 +101,21 @@ def _load_graph_only(model_path: Path):
         raise SubmissionError(f"{model_path.name} is not a readable ONNX model: {e}") from e
 
 
-def check_single_file(model_path: Path) -> None:
-    """Refuse ONNX files that reference external data (the contract is one self-contained file).
+def external_data_files(model_path: Path) -> list[str]:
+    """Locations (relative to the model's folder) of the external-data files the model reads.
 
-    Raises:
-        SubmissionError: the file is not ONNX, or a tensor lives outside it.
+    Models over protobuf's 2 GB limit keep their weights beside the .onnx file; `check_model` makes
+    sure every such file lies inside the submission before anything opens it.
     """
     import onnx
 
     model = _load_graph_only(model_path)
-    external = [t.name for t in _all_tensors(model.graph) if t.data_location == onnx.TensorProto.EXTERNAL]
-    if external:
-        raise SubmissionError(
-            f"{model_path.name} stores {len(external)} tensor(s) as external data (e.g. {external[0]!r}); "
-            "the contract is a single self-contained .onnx file: re-export with external_data=False"
-        )
+    locations = {
+        next((e.value for e in t.external_data if e.key == "location"), "")
+        for t in _all_tensors(model.graph)
+        if t.data_location == onnx.TensorProto.EXTERNAL
+    }
+    return sorted(locations)
 
 
 def check_model(root: Path, model_path: Path) -> None:
@@ -127,8 +127,8 @@ def check_model(root: Path, model_path: Path) -> None:
 
     Raises:
         SubmissionError: not ONNX; an operator domain outside `ALLOWED_DOMAINS` (a custom operator);
-            external data that points outside the submission, through a link, or at all (the contract
-            is a single file). ``reasons`` lists every offending node or tensor (the first few).
+            external data that points outside the submission, through a link, or at a missing file.
+            ``reasons`` lists every offending node or tensor (the first few).
     """
     import onnx
 
@@ -159,13 +159,8 @@ def check_model(root: Path, model_path: Path) -> None:
             problems.append(f"tensor {t.name!r}: external data {location!r} {problem}")
     if problems:
         raise SubmissionError(
-            f"{model_path.name} reads external data from outside the submission; refused before loading",
+            f"{model_path.name} reads external data that is missing or outside the submission; refused before loading",
             reasons=_dedupe(problems),
-        )
-    if external:
-        raise SubmissionError(
-            f"{model_path.name} stores {len(external)} tensor(s) as external data (e.g. {external[0].name!r}); "
-            "the contract is a single self-contained .onnx file: re-export with external_data=False"
         )
 
 
@@ -493,7 +488,7 @@ class OnnxRuntime:
             sandboxes: the isolation kinds to try, in order (`SANDBOXES`); the first that starts is used.
 
         Raises:
-            SubmissionError: the model is missing, not ONNX, uses a custom operator, has external data,
+            SubmissionError: the model is missing, not ONNX, uses a custom operator, reads external data outside the submission,
                 does not load, or its I/O names or types do not match the manifest.
             EnvironmentUnavailable: a GPU was asked for but none is usable, or no sandbox kind starts.
         """
@@ -546,7 +541,7 @@ class OnnxRuntime:
             f"onnxruntime worker process ({first}, {self._threads} thread(s)) under {self._description}; "
             f"rlimits: {limits.memory_mb} MB data, {limits.cpu_seconds} s CPU, {limits.pids} processes, "
             f"no core files; {limits.wall_seconds:g} s wall clock per call; built-in operator domains only, "
-            "no custom-op library, no external data"
+            "no custom-op library, external data only inside the submission"
         )
 
     # -- the worker --------------------------------------------------------------------------------

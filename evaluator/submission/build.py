@@ -224,7 +224,7 @@ def _stage_torch(folder, staging, partial, reasons, notes, extra, step) -> dict:
 
 
 def _stage_onnx(folder, staging, partial, notes, step) -> dict:
-    from evaluator.sandbox.onnx_runtime import check_single_file
+    from evaluator.sandbox.onnx_runtime import check_model, external_data_files
     from evaluator.submission.export import inspect_onnx, measure_output
 
     declared = dict(partial.get("onnx") or {})
@@ -233,10 +233,14 @@ def _stage_onnx(folder, staging, partial, notes, step) -> dict:
     if not src.is_relative_to(folder) or not src.is_file():
         raise SubmissionError(f"onnx.model {rel!r} is not a file inside {folder}")
     step(f"Checking {rel}")
-    check_single_file(src)
+    check_model(folder, src)  # operator domains; external data only inside the folder, no links
     dest = staging / rel
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(src, dest)
+    for name in [Path(rel).name, *external_data_files(src)]:  # the model and the weights it reads
+        target = dest.parent / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src.parent / name, target)
+        if name != Path(rel).name:
+            notes.append(f"external data {name} packed beside {rel}")
     spec = inspect_onnx(dest, {**declared, "model": rel})
     derived = {"kind": "onnx", "onnx": _spec_dict(spec)}
     if not declared.get("audio_input") or not declared.get("features_output"):

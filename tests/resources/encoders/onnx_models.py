@@ -132,7 +132,7 @@ def make_onnx(
             save_as_external_data=True,
             all_tensors_to_one_file=True,
             location=path.name + ".data",
-            size_threshold=0,
+            size_threshold=1024,  # large weights only, as exporters do (small shape constants stay inline)
         )
     else:
         onnx.save_model(model, str(path))

@@ -69,7 +69,10 @@ class TestMAP:
         base = score("mAP", preds, refs, num_classes=5)
         # renaming labels changes their sorted column order, never the macro mean
         renamed = {"x": "c", "y": "b", "z": "a"}
-        swap = lambda s: ";".join(renamed[p] for p in s.split(";"))
+
+        def swap(s):
+            return ";".join(renamed[p] for p in s.split(";"))
+
         assert score("mAP", [swap(p) for p in preds], [swap(r) for r in refs], num_classes=5) == pytest.approx(base)
 
     def test_num_classes_required_and_large_enough(self):

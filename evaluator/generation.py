@@ -163,13 +163,13 @@ def _decode_kv(decoder, embeds, mask, positions, options: DecodingOptions, eos: 
     """Greedy/sampled decoding over a KV cache; finished rows leave the cache at once."""
     from transformers import DynamicCache
 
-    n = embeds.shape[0]
+    n, device = embeds.shape[0], embeds.device
     out_ids: list[list[int]] = [[] for _ in range(n)]
-    alive = torch.arange(n)  # batch row -> original row
-    generated = torch.empty(n, 0, dtype=torch.long)  # [b, t] tokens so far, for the repetition penalty
+    alive = torch.arange(n, device=device)  # batch row -> original row
+    generated = torch.empty(n, 0, dtype=torch.long, device=device)  # [b, t] tokens so far, for the penalty
     next_pos = positions[:, -1] + 1  # [b]
     cache = DynamicCache(config=decoder.config)
-    gen = torch.Generator().manual_seed(options.seed) if not options.greedy else None
+    gen = torch.Generator(device=device).manual_seed(options.seed) if not options.greedy else None
     out = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache,
                   use_cache=True, logits_to_keep=1)
     for _ in range(options.max_new_tokens):

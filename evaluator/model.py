@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 from peft import LoraConfig, TaskType, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from evaluator.errors import ModelError
 
@@ -179,13 +179,21 @@ class AudioLLM(nn.Module):
         )
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        """Mean cross-entropy over the target tokens (+ EOS) of the batch."""
+        """Mean cross-entropy over the target tokens (+ EOS) of the batch.
+
+        The LM head (49152 x 576 for SmolLM2, a fifth of the model's compute) only runs on the positions
+        that predict a target token, not on every audio frame; the loss is the same mean over targets.
+        """
         x = self.embed(batch, padding_side="right")
-        out = self.decoder(
+        causal_lm = self.decoder.get_base_model()
+        hidden = causal_lm.get_decoder()(
             inputs_embeds=x.inputs_embeds, attention_mask=x.attention_mask,
-            position_ids=x.position_ids, labels=x.labels, use_cache=False,
-        )
-        return out.loss
+            position_ids=x.position_ids, use_cache=False,
+        ).last_hidden_state  # [B, L, H]
+        targets = x.labels[:, 1:]  # position p predicts token p + 1
+        keep = targets != IGNORE_INDEX  # [B, L-1]
+        logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep])  # [N, V]
+        return nn.functional.cross_entropy(logits.float(), targets[keep])
 
     # --- checkpoints ---------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:
@@ -264,7 +272,7 @@ def load_decoder(name_or_path: str, dtype: str = "float32"):
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
         decoder = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], local_files_only=local_only)
-    except (OSError, ValueError, EnvironmentError) as e:
+    except (OSError, ValueError) as e:
         hint = (f"download it once on a connected machine (`hf download {name_or_path}`, the cache is "
                 f"{os.environ.get('HF_HOME', '~/.cache/huggingface')}) or pass --decoder PATH to a local copy"
                 if not looks_like_path else "check that it holds config.json, weights and tokenizer files")

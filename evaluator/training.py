@@ -317,7 +317,8 @@ def train(
         resumed = _resume(out_dir, model, optimizer, sampler, cfg)
         start, losses = resumed if resumed else (0, [])
         end = cfg.max_steps if stop_at_step is None else min(cfg.max_steps, stop_at_step)
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+        device_type = model.projector.weight.device.type
+        autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
         model.train()
         with _progress_bar(progress, start, cfg.max_steps) as (bar, task):
             for step in range(start, end):

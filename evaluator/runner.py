@@ -64,7 +64,7 @@ class RunOptions:
     hidden_config: Path | None = None
     download: bool = True  # fetch missing HF shards (never with HF_HUB_OFFLINE=1)
     threads: int | None = None  # torch CPU threads; None: all cores
-    eval_batch_size: int | None = None  # None: the task's batch_size from the eval config
+    eval_batch_size: int | None = None  # None: the generation engine's default (32); answers do not depend on it
     max_new_tokens: int = 150
     checkpoint_every: int = 500  # training steps between checkpoints
     limit_clips: int | None = None  # at most this many clips per task split (smoke runs); keyed
@@ -347,9 +347,10 @@ class _Stages:
         if path.exists():
             return [json.loads(line) for line in path.read_text().splitlines() if line]
         dataset = store.dataset(prompt=task.prompt, task=task.id)
-        options = DecodingOptions(max_new_tokens=self.opts.max_new_tokens,
-                                  batch_size=self.opts.eval_batch_size or task.batch_size,
-                                  threads=self.opts.threads)
+        # The eval YAML's batch_size (4 for many tasks) sized the reference's stock loop; greedy answers do
+        # not depend on it, so our KV loop keeps its own, larger default unless --eval-batch-size says so.
+        batch = {"batch_size": self.opts.eval_batch_size} if self.opts.eval_batch_size else {}
+        options = DecodingOptions(max_new_tokens=self.opts.max_new_tokens, threads=self.opts.threads, **batch)
         predictions = generate(model, dataset, options, progress=self.opts.progress)
         rows = [{"id": p.key, "prediction": p.text, "references": list(dataset.targets(i)), "status": "ok"}
                 for i, p in enumerate(predictions)]

@@ -105,7 +105,9 @@ class TestCli:
         bad.write_bytes(b"this is not a tar archive")
         result = CliRunner().invoke(eval_cli, ["run", str(bad), "--track", "demo-a", "--out", str(tmp_path / "o")])
         assert result.exit_code == 1, result.output
-        assert result.output.startswith("error: ") and "Traceback" not in result.output
+        errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and "not a readable tar archive" in errors[0]
+        assert result.output.rstrip().endswith(errors[0]) and "Traceback" not in result.output
 
     def test_no_track_is_a_usage_error(self, tmp_path):
         tar = tmp_path / "s.tar"

@@ -52,6 +52,8 @@ reuses an old checkpoint or score.""",
 @click.option("--limit-clips", type=click.IntRange(min=1), default=None,
               help="At most N clips per task and split (smoke runs; scores are not comparable).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch CPU threads [default: all cores].")
+@click.option("--eval-batch-size", type=click.IntRange(min=1), default=None,
+              help="Clips decoded together [default: 32]; greedy answers do not depend on it.")
 @click.option("--memory-mb", type=click.IntRange(min=64), default=None,
               help="Encoder memory cap in MiB [default: the manifest's resources.memory_mb].")
 @click.option("--gpu/--no-gpu", default=False, show_default=True,
@@ -62,7 +64,7 @@ reuses an old checkpoint or score.""",
 def run(submission: Path, track: str | None, train_config: Path | None, eval_config: Path | None,
         decoder: str | None, max_steps: int | None, out: Path, precision: str, seed: int | None,
         machine: str | None, data_home: Path | None, hidden_config: Path | None, offline: bool,
-        limit_clips: int | None, threads: int | None, memory_mb: int | None, gpu: bool, spot_check: float,
+        limit_clips: int | None, threads: int | None, eval_batch_size: int | None, memory_mb: int | None, gpu: bool, spot_check: float,
         quiet: bool) -> None:
     """Evaluate SUBMISSION (a submission.tar) on a track and write results.json.
 
@@ -83,7 +85,7 @@ def run(submission: Path, track: str | None, train_config: Path | None, eval_con
         train_spec = resolve_track(track, data_home=data_home, hidden_config=hidden_config)
     opts = RunOptions(out=out, decoder=decoder, max_steps=max_steps, precision=precision, seed=seed,
                       data_home=data_home, hidden_config=hidden_config, download=not offline,
-                      limit_clips=limit_clips, threads=threads, memory_mb=memory_mb, gpu=gpu, spot_check=spot_check,
+                      limit_clips=limit_clips, threads=threads, eval_batch_size=eval_batch_size, memory_mb=memory_mb, gpu=gpu, spot_check=spot_check,
                       progress=not quiet, **({"machine": machine} if machine else {}))
     outcome = run_submission(submission, spec, opts, echo=click.echo, train_track=train_spec)
     from evaluator.cli.leaderboard import build_table, render_md

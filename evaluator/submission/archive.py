@@ -162,7 +162,9 @@ def safe_unpack(archive: Path, dest: Path, limits: UnpackLimits = UnpackLimits()
     try:
         tar = tarfile.open(archive, "r:*")  # noqa: SIM115 - closed below; open errors reported apart
     except (tarfile.TarError, EOFError, OSError) as e:
-        raise SubmissionError(f"{archive.name} is not a readable tar archive: {e}") from e
+        # tarfile lists every compression it tried on separate lines; the user needs the gist only
+        first = str(e).splitlines()[0].rstrip(":") if str(e) else type(e).__name__
+        raise SubmissionError(f"{archive.name} is not a readable tar archive ({first})") from e
     with tar:
         members, reasons, seen, total = [], [], set(), 0
         try:

@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 HIDDEN_SUFFIX = "-hidden"
 TRACK_ORDER = ("A", "B")  # shown first; other tracks (demo-a, ...) follow alphabetically
+TWO_HALF_TRACKS = frozenset(TRACK_ORDER)  # tracks with a hidden half; others (demo, custom) are public only
 TIE_DIGITS = 9  # scores equal to 9 decimals share a rank (float noise is not a difference)
 
 
@@ -253,13 +254,16 @@ def _mean(values: list[float]) -> float | None:
     return math.fsum(values) / len(values) if values else None
 
 
-def track_score(tasks: Iterable[TaskResult], expected: Iterable[tuple[str, bool]] | None = None) -> TrackScore:
+def track_score(tasks: Iterable[TaskResult], expected: Iterable[tuple[str, bool]] | None = None,
+                *, two_halves: bool = True) -> TrackScore:
     """The challenge score of one submission on one track.
 
     Args:
         tasks: one result per task (already the maximum over machines, see `merge_machines`).
         expected: (task, hidden) pairs the track should have; those absent from ``tasks`` count as 0
             in a half that has other results. A half with no results at all is left out (partial).
+        two_halves: the track has a hidden half (A, B). Without one (demo and custom tracks) a score from
+            the public tasks alone is complete, not partial.
 
     Returns:
         ``(mean(public) + mean(hidden)) / 2``, or the mean of the half that exists (``partial``).
@@ -279,6 +283,8 @@ def track_score(tasks: Iterable[TaskResult], expected: Iterable[tuple[str, bool]
     if public is None and hidden is None:
         value, partial = 0.0, True
         notes.append("no task results")
+    elif hidden is None and not two_halves:
+        value, partial = public, False
     elif public is None or hidden is None:
         value, partial = (hidden if public is None else public), True
         notes.append(f"partial: no {'public' if public is None else 'hidden'} tasks, score is the mean of the "
@@ -316,7 +322,7 @@ def leaderboard(results: Iterable[Results]) -> list[Row]:
     for track in sorted(by_track, key=_track_key):
         entries = by_track[track]
         expected = tuple(sorted({(t.task, t.hidden) for e in entries for t in e.tasks}, key=lambda x: (x[1], x[0])))
-        scored = [(track_score(e.tasks, expected), e) for e in entries]
+        scored = [(track_score(e.tasks, expected, two_halves=track in TWO_HALF_TRACKS), e) for e in entries]
         scored.sort(key=lambda se: (-round(se[0].score, TIE_DIGITS), se[1].submission, se[1].sha256))
         rank, previous = 0, None
         for position, (result, entry) in enumerate(scored, start=1):

@@ -186,3 +186,13 @@ class TestReading:
         assert back.tasks == tuple(tasks) and (back.submission, back.track) == ("enc", "A")
         with pytest.raises(RuntimeError, match="score"):
             results_document(submission="enc", sha256="x", machine="m", track="A", tasks=[task("t", 1.5)])
+
+
+def test_a_track_without_a_hidden_half_is_complete_from_public_tasks():
+    from evaluator.scoring import TaskResult, track_score
+
+    tasks = [TaskResult("demo-keywords", False, "Accuracy", 0.5, 40), TaskResult("demo-voices", False, "Accuracy", 1.0, 32)]
+    demo = track_score(tasks, two_halves=False)
+    assert (demo.score, demo.partial, demo.notes) == (0.75, False, ())
+    challenge = track_score(tasks)  # Track A without its hidden half: flagged
+    assert (challenge.score, challenge.partial) == (0.75, True)

@@ -9,6 +9,7 @@ demo-a and demo-b through `xares-eval run`'s code path and prints the leaderboar
 from __future__ import annotations
 
 import shutil
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -30,7 +31,7 @@ Rerunning reuses the submission, data, decoder, features and checkpoints already
               help="Training steps per demo track.")
 @click.option("--decoder-steps", type=click.IntRange(min=1), default=400, show_default=True,
               help="Language-model pre-training steps of the smoke-test decoder.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--quiet", is_flag=True, help="No progress bars (they are off anyway when stdout is not a terminal).")
 def demo(out: Path, max_steps: int, decoder_steps: int, quiet: bool) -> None:
     """Run the offline demo end to end and print its leaderboard (CPU, a few minutes)."""
     from evaluator.cli.leaderboard import build_table, render_md
@@ -74,7 +75,7 @@ def demo(out: Path, max_steps: int, decoder_steps: int, quiet: bool) -> None:
     for name, track in tracks.items():
         click.echo(f"\n== {name} ==")
         opts = RunOptions(out=out / "runs", decoder=str(decoder), max_steps=max_steps, data_home=data_home,
-                          download=False, progress=not quiet, machine="demo-cpu")
+                          download=False, progress=not quiet and sys.stdout.isatty(), machine="demo-cpu")
         documents.append(run_submission(submission, track, opts, echo=click.echo).document)
 
     results = [parse_results(d) for d in documents]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -60,7 +61,7 @@ reuses an old checkpoint or score.""",
               help="Give the encoder a GPU (fails with a message when none is usable).")
 @click.option("--spot-check", type=click.FloatRange(0, 1), default=0.02, show_default=True,
               help="Share of one eval task's clips re-extracted and compared with the store (0 = off).")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--quiet", is_flag=True, help="No progress bars (they are off anyway when stdout is not a terminal).")
 def run(submission: Path, track: str | None, train_config: Path | None, eval_config: Path | None,
         decoder: str | None, max_steps: int | None, out: Path, precision: str, seed: int | None,
         machine: str | None, data_home: Path | None, hidden_config: Path | None, offline: bool,
@@ -86,7 +87,7 @@ def run(submission: Path, track: str | None, train_config: Path | None, eval_con
     opts = RunOptions(out=out, decoder=decoder, max_steps=max_steps, precision=precision, seed=seed,
                       data_home=data_home, hidden_config=hidden_config, download=not offline,
                       limit_clips=limit_clips, threads=threads, eval_batch_size=eval_batch_size, memory_mb=memory_mb, gpu=gpu, spot_check=spot_check,
-                      progress=not quiet, **({"machine": machine} if machine else {}))
+                      progress=not quiet and sys.stdout.isatty(), **({"machine": machine} if machine else {}))
     outcome = run_submission(submission, spec, opts, echo=click.echo, train_track=train_spec)
     from evaluator.cli.leaderboard import build_table, render_md
     from evaluator.scoring import leaderboard, parse_results

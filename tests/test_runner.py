@@ -115,6 +115,21 @@ class TestCli:
         result = CliRunner().invoke(eval_cli, ["run", str(tar)])
         assert result.exit_code == 2 and "--track" in result.output
 
+    def test_xares_yaml_files_run_unchanged_and_their_training_fields_count(self, world, tmp_path):
+        root, data_home, _ = world
+        train_yaml, eval_yaml = data_home / "demo-a" / "demo-a_train.yaml", data_home / "demo-a" / "demo-a_eval.yaml"
+        yaml_lr = __import__("yaml").safe_load(train_yaml.read_text())["learning_rate"]
+        result = CliRunner().invoke(eval_cli, [
+            "run", str(root / "submission.tar"), "--train-config", str(train_yaml), "--eval-config", str(eval_yaml),
+            "--decoder", str(root / "decoder"), "--max-steps", "4", "--limit-clips", "4", "--offline",
+            "--out", str(tmp_path / "out"), "--quiet"])
+        assert result.exit_code == 0, result.output
+        (results,) = (tmp_path / "out").glob("*/custom-*/results.json")
+        assert json.loads(results.read_text())["track"] == "custom"
+        (train_json,) = (tmp_path / "out").glob("*/train-custom-*/train.json")
+        trained = json.loads(train_json.read_text())["train"]
+        assert trained["learning_rate"] == yaml_lr and trained["max_steps"] == 4  # YAML field; CLI override
+
     def test_run_cli_prints_table(self, world):
         root, data_home, _ = world
         result = CliRunner().invoke(eval_cli, [

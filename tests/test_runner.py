@@ -130,6 +130,19 @@ class TestCli:
         trained = json.loads(train_json.read_text())["train"]
         assert trained["learning_rate"] == yaml_lr and trained["max_steps"] == 4  # YAML field; CLI override
 
+    def test_b_hidden_is_scored_with_the_track_b_decoder(self, world, tmp_path):
+        """B-hidden has no training data of its own: the run trains (or reuses) Track B's decoder, so
+        without Track B's shards it stops before training, naming them."""
+        root, data_home, _ = world
+        hidden = tmp_path / "hidden.yaml"
+        hidden.write_text(f"B-hidden:\n  eval: {data_home / 'demo-a' / 'demo-a_eval.yaml'}\n")
+        result = CliRunner().invoke(eval_cli, [
+            "run", str(root / "submission.tar"), "--track", "B-hidden", "--hidden-config", str(hidden),
+            "--data-home", str(tmp_path / "empty"), "--offline", "--out", str(tmp_path / "out"), "--quiet"])
+        assert result.exit_code == 1, result.output
+        assert "LibriSpeech/train" in result.output or "AISHELL-1/train" in result.output, result.output
+        assert "Traceback" not in result.output
+
     def test_run_cli_prints_table(self, world):
         root, data_home, _ = world
         result = CliRunner().invoke(eval_cli, [

@@ -125,6 +125,8 @@ def run_submission(archive: Path, track: TrackSpec, opts: RunOptions, *, echo: E
             echo(f"  - probe: {len(probe.checks)} checks passed on {sandbox.runtime.device} "
                  f"({sandbox.runtime.isolation})")
             stages = _Stages(sub_sha, manifest, opts, sandbox, echo)
+            if train_track.name != track.name:
+                echo(f"  - {track.name} is scored with the decoder of track {train_track.name}, trained on its data")
             train_stores = stages.extract_split(train_track.train_tasks, "train", required=True)
             eval_stores = stages.extract_split(track.eval_tasks, "test", required=False)
             stages.spot_check(track.eval_tasks, eval_stores)

@@ -21,7 +21,8 @@ from test_submission_probe import manifest_for
 
 from evaluator.errors import SandboxError, SubmissionError
 from evaluator.sandbox import Limits, open_runtime
-from evaluator.sandbox.onnx_runtime import SANDBOXES, OnnxRuntime, sandbox_command
+from evaluator.sandbox.onnx_process import SANDBOXES, sandbox_command
+from evaluator.sandbox.onnx_runtime import OnnxRuntime
 
 ONE_SECOND = np.full(16000, 0.1, np.float32)
 

@@ -1,15 +1,13 @@
 """Run an ONNX encoder submission with onnxruntime in a sandboxed worker process.
 
-Before anything runs, the host reads the graph as data (`check_model`): only operator domains that
-onnxruntime implements itself, no custom-op library (none is ever registered), and every external-data
-reference must name a file inside the submission (relative, no ``..``, no link), so a model over
-protobuf's 2 GB limit can keep its weights beside the .onnx file. The session itself lives in `evaluator.sandbox.onnx_worker`, started once
-per runtime under the strongest isolation this host allows (`SANDBOXES`, tried in order; the one in
-force is spelled out in ``isolation``): bubblewrap with no network, its own pid/ipc/uts namespaces, a
-read-only view of the interpreter and the submission only, as uid 65534; else ``unshare``; else a
-plain process, with a warning. The worker caps its own memory, CPU time, processes and file size with
-rlimits before it touches the model; the host bounds every call by the wall clock and kills the whole
-worker on timeout. A worker that dies is started again on the next call.
+Before anything runs, `onnx_checks.check_model` reads the graph as data: built-in operator domains only,
+no custom-op library, external data only inside the submission. The session itself lives in the worker
+(`onnx_worker`), started once per runtime by `onnx_process` under the strongest isolation the host allows
+(bubblewrap, else ``unshare``, else a plain process with a warning; the one in force is spelled out in
+``isolation``). The worker caps its own memory, CPU time, processes and file size with rlimits before it
+touches the model; the host bounds every call by the wall clock and kills the whole worker on timeout. A
+worker that dies is started again on the next call. This module pads clips into batches, checks what comes
+back against the contract and trims padding frames.
 
 Example::
 
@@ -20,18 +18,10 @@ Example::
 from __future__ import annotations
 
 import ctypes
-import importlib.util
-import json
 import logging
 import math
 import os
 import re
-import selectors
-import shutil
-import signal
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,8 +29,16 @@ from pathlib import Path
 import numpy as np
 
 from evaluator.errors import EnvironmentUnavailable, SandboxError, SubmissionError
-from evaluator.sandbox import onnx_worker
 from evaluator.sandbox.base import Limits
+from evaluator.sandbox.onnx_checks import check_model
+from evaluator.sandbox.onnx_process import (
+    MIN_LOAD_SECONDS,
+    SANDBOXES,
+    SUBMISSION_IN_SANDBOX,
+    Worker,
+    WorkerDied,
+    sandbox_command,
+)
 from evaluator.submission.manifest import SAMPLE_RATE, Manifest
 
 log = logging.getLogger(__name__)
@@ -49,19 +47,6 @@ MAX_BATCH_ITEMS = 8  # clips per onnxruntime call
 MAX_BATCH_SAMPLES = 8 * 30 * SAMPLE_RATE  # padded samples per call (8 clips of 30 s)
 HOP_TOLERANCE_FRAMES = 2  # frames an unmasked output may exceed ceil(len / hop) before it is a contract break
 HOP_TOLERANCE_RATIO = 0.02
-
-# Operator domains onnxruntime implements with its own compiled kernels: the ONNX standard sets and
-# Microsoft's contrib ops (what torch exports and the onnxruntime optimizers emit: FusedMatMul,
-# Attention, ...). Anything else needs a custom-op library, which would be the participant's native code.
-ALLOWED_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
-NOBODY = 65534
-SANDBOXES = ("bwrap-nobody", "bwrap", "unshare", "none")  # strongest first
-WORKER_IN_SANDBOX = "/run/xares/onnx_worker.py"
-SUBMISSION_IN_SANDBOX = "/submission"
-MAX_JSON_FRAME = 1 << 20
-STDERR_KEPT = 64 << 10  # bytes of the worker's stderr kept for error messages
-CLOSE_GRACE_SECONDS = 2.0
-MIN_LOAD_SECONDS = 120.0  # starting the worker and loading the model may take longer than one call
 
 _ORT_FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 _ORT_MASK_TYPES = {
@@ -87,377 +72,6 @@ def cuda_usable() -> bool:
         return lib.cuInit(0) == 0 and lib.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
     except AttributeError:
         return False
-
-
-# -- static checks (the host reads the graph as data; onnxruntime never sees a refused file) -----------
-
-
-def _load_graph_only(model_path: Path):
-    import onnx
-
-    try:
-        return onnx.load(str(model_path), load_external_data=False)
-    except Exception as e:  # onnx raises DecodeError, ValueError, ... for garbage
-        raise SubmissionError(f"{model_path.name} is not a readable ONNX model: {e}") from e
-
-
-def external_data_files(model_path: Path) -> list[str]:
-    """Locations (relative to the model's folder) of the external-data files the model reads.
-
-    Models over protobuf's 2 GB limit keep their weights beside the .onnx file; `check_model` makes
-    sure every such file lies inside the submission before anything opens it.
-    """
-    import onnx
-
-    model = _load_graph_only(model_path)
-    locations = {
-        next((e.value for e in t.external_data if e.key == "location"), "")
-        for t in _all_tensors(model.graph)
-        if t.data_location == onnx.TensorProto.EXTERNAL
-    }
-    return sorted(locations)
-
-
-def check_model(root: Path, model_path: Path) -> None:
-    """Everything that must hold before onnxruntime may open the file.
-
-    Args:
-        root: the unpacked submission folder (resolved).
-        model_path: the .onnx file inside it.
-
-    Raises:
-        SubmissionError: not ONNX; an operator domain outside `ALLOWED_DOMAINS` (a custom operator);
-            external data that points outside the submission, through a link, or at a missing file.
-            ``reasons`` lists every offending node or tensor (the first few).
-    """
-    import onnx
-
-    model = _load_graph_only(model_path)
-    local = {(f.domain, f.name) for f in model.functions}  # model-local functions expand to their bodies
-    local_domains = {d for d, _ in local}
-    problems = []
-    for imp in model.opset_import:
-        if imp.domain not in ALLOWED_DOMAINS and imp.domain not in local_domains:
-            problems.append(f"opset import of the custom operator domain {imp.domain!r}")
-    graphs = [model.graph] + [f for f in model.functions]
-    for node in (n for g in graphs for n in _all_nodes(g)):
-        if node.domain not in ALLOWED_DOMAINS and (node.domain, node.op_type) not in local:
-            problems.append(
-                f"node {node.name or node.op_type!r} uses the custom operator {node.domain}::{node.op_type}"
-            )
-    if problems:
-        raise SubmissionError(
-            f"{model_path.name} needs operators onnxruntime does not ship (custom-op libraries are never "
-            f"loaded); allowed domains: {sorted(ALLOWED_DOMAINS)}",
-            reasons=_dedupe(problems),
-        )
-    external = [t for t in _all_tensors(model.graph) if t.data_location == onnx.TensorProto.EXTERNAL]
-    for t in external:
-        location = next((e.value for e in t.external_data if e.key == "location"), "")
-        problem = _external_location_problem(root, model_path.parent, location)
-        if problem:
-            problems.append(f"tensor {t.name!r}: external data {location!r} {problem}")
-    if problems:
-        raise SubmissionError(
-            f"{model_path.name} reads external data that is missing or outside the submission; refused before loading",
-            reasons=_dedupe(problems),
-        )
-
-
-def _external_location_problem(root: Path, base: Path, location: str) -> str | None:
-    if not location:
-        return "has no location"
-    if "\x00" in location or location.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", location):
-        return "is an absolute path"
-    parts = re.split(r"[\\/]", location)
-    if ".." in parts:
-        return "climbs out with '..'"
-    path = base
-    for part in parts:  # no link anywhere on the way, so the file really is inside the submission
-        path = path / part
-        if path.is_symlink():
-            return "goes through a symbolic link"
-    if not path.resolve().is_relative_to(root):
-        return "resolves outside the submission"
-    if not path.is_file():
-        return "is not a file in the submission"
-    return None
-
-
-def _dedupe(lines: list[str], keep: int = 8) -> list[str]:
-    unique = list(dict.fromkeys(lines))
-    return unique[:keep] + ([f"... and {len(unique) - keep} more"] if len(unique) > keep else [])
-
-
-def _all_nodes(graph):
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            if attr.HasField("g"):
-                yield from _all_nodes(attr.g)
-            for sub in attr.graphs:
-                yield from _all_nodes(sub)
-
-
-def _all_tensors(graph):
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            if attr.HasField("g"):
-                yield from _all_tensors(attr.g)
-            for sub in attr.graphs:
-                yield from _all_tensors(sub)
-
-
-# -- the sandboxed worker process -----------------------------------------------------------------------
-
-
-def sandbox_command(kind: str, *, root: Path, gpu: bool) -> tuple[list[str], str] | None:
-    """The argv that starts the worker under one kind of sandbox, and what that sandbox gives.
-
-    Args:
-        kind: one of `SANDBOXES`.
-        root: the submission folder (made visible read-only).
-        gpu: bind the NVIDIA device nodes.
-
-    Returns:
-        (argv, description), or None when the tools for this kind are missing on this host.
-    """
-    worker = Path(onnx_worker.__file__).resolve()
-    python = [sys.executable, "-I", "-B"]
-    root_uid = os.geteuid() == 0
-    drop = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--no-new-privs"]
-    if kind in ("bwrap-nobody", "bwrap"):
-        if not shutil.which("bwrap") or (
-            kind == "bwrap-nobody" and not (root_uid and shutil.which("setpriv"))
-        ):
-            return None
-        argv = (drop if kind == "bwrap-nobody" else []) + ["bwrap", *_bwrap_flags(worker, root, gpu)]
-        argv += ["--", *python, WORKER_IN_SANDBOX]
-        who = (
-            f"uid {NOBODY} (nobody) inside and outside"
-            if kind == "bwrap-nobody"
-            else f"uid {NOBODY} in a user namespace (uid {os.geteuid()} outside"
-            + ("; the interpreter is not readable by nobody)" if root_uid else ")")
-        )
-        return argv, (
-            f"bubblewrap: no network, own pid/ipc/uts/user namespaces, {who}; a read-only view of the "
-            "interpreter and the submission only, a private /tmp"
-        )
-    if kind == "unshare":
-        if not shutil.which("unshare") or (root_uid and not shutil.which("setpriv")):
-            return None
-        if root_uid:
-            argv = ["unshare", "--net", "--pid", "--fork", "--kill-child", "--", *drop]
-            who = f"uid {NOBODY} (nobody)"
-        else:
-            argv = ["unshare", "--user", "--net", "--pid", "--fork", "--kill-child", "--"]
-            who = f"uid {os.geteuid()} (own user namespace)"
-        return argv + [*python, str(worker)], (
-            f"unshare: no network, own pid namespace, {who}; the host filesystem is visible read-write "
-            "as far as that uid may"
-        )
-    if kind == "none":
-        return [*python, str(worker)], (
-            f"NO isolation: the network is NOT isolated and the worker runs as uid {os.geteuid()} "
-            "(neither bubblewrap nor unshare could start it)"
-        )
-    raise ValueError(f"unknown sandbox {kind!r}; expected one of {SANDBOXES}")
-
-
-def _bwrap_flags(worker: Path, root: Path, gpu: bool) -> list[str]:
-    """Every bubblewrap flag in one list: what the worker may see and do."""
-    flags = [
-        "--unshare-all",  # net, pid, ipc, uts, cgroup (user below)
-        "--unshare-user",
-        "--uid", str(NOBODY),
-        "--gid", str(NOBODY),
-        "--die-with-parent",
-        "--new-session",  # no TIOCSTI into our terminal
-        "--ro-bind", "/usr", "/usr",
-        "--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache",
-        "--dev", "/dev",
-        "--proc", "/proc",
-        "--tmpfs", "/tmp",
-        "--ro-bind", str(worker), WORKER_IN_SANDBOX,
-        "--ro-bind", str(root), SUBMISSION_IN_SANDBOX,
-        "--chdir", "/tmp",
-    ]  # fmt: skip
-    for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64"):
-        if os.path.islink(top):
-            flags += ["--symlink", os.readlink(top), top]
-        elif os.path.isdir(top):
-            flags += ["--ro-bind", top, top]
-    seen = set()
-    for path in _python_paths():
-        if path not in seen and not path.startswith("/usr/"):
-            seen.add(path)
-            flags += ["--ro-bind", path, path]
-    if gpu:
-        for dev in sorted(Path("/dev").glob("nvidia*")):
-            flags += ["--dev-bind", str(dev), str(dev)]
-    return flags
-
-
-def _python_paths() -> list[str]:
-    """Folders the interpreter, numpy and onnxruntime need (the interpreter's prefix, the venv, ...)."""
-    paths = [sys.base_prefix, sys.prefix, os.path.dirname(os.path.dirname(os.path.realpath(sys.executable)))]
-    for name in ("numpy", "onnxruntime"):
-        spec = importlib.util.find_spec(name)
-        if spec and spec.submodule_search_locations:
-            paths.append(os.path.dirname(next(iter(spec.submodule_search_locations))))
-    return [os.path.realpath(p) for p in paths if os.path.isdir(p)] + [p for p in paths if os.path.isdir(p)]
-
-
-class _WorkerDied(Exception):
-    """The worker exited or broke the protocol; the message says how."""
-
-
-class _Worker:
-    """One worker process: start (with a hello before the model is touched), talk in frames, kill."""
-
-    def __init__(self, argv: list[str], env: dict, *, log_bytes: int):
-        self.proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=env,
-            start_new_session=True,  # one process group: killed as a whole
-            close_fds=True,
-        )
-        self._stderr = bytearray()
-        self._stderr_cap = max(1024, min(log_bytes, STDERR_KEPT))
-        self._drain = threading.Thread(target=self._read_stderr, daemon=True)
-        self._drain.start()
-        self._sel = selectors.DefaultSelector()
-        self._sel.register(self.proc.stdout, selectors.EVENT_READ)
-        self._pending = bytearray()
-
-    def _read_stderr(self) -> None:
-        for chunk in iter(lambda: self.proc.stderr.read1(65536), b""):
-            self._stderr += chunk
-            if len(self._stderr) > self._stderr_cap:
-                del self._stderr[: len(self._stderr) - self._stderr_cap]
-
-    def last_stderr_line(self, limit: int = 300) -> str:
-        self._drain.join(timeout=1.0)
-        lines = [
-            ln.strip() for ln in bytes(self._stderr).decode("utf-8", "replace").splitlines() if ln.strip()
-        ]
-        text = lines[-1] if lines else ""
-        return text if len(text) <= limit else text[: limit - 3] + "..."
-
-    def send(self, message: dict, arrays: Sequence[np.ndarray] = ()) -> None:
-        try:
-            onnx_worker.send(self.proc.stdin, message, arrays)
-        except (BrokenPipeError, OSError) as e:
-            raise _WorkerDied("the worker stopped reading its requests") from e
-
-    def receive(self, deadline: float, *, max_array_bytes: int) -> tuple[dict, list[np.ndarray]]:
-        """One message; raises TimeoutError past the deadline, _WorkerDied on exit or garbage."""
-        try:
-            message = json.loads(self._frame(deadline, MAX_JSON_FRAME))
-        except ValueError as e:
-            raise _WorkerDied(f"the worker broke the protocol ({e})") from e
-        if not isinstance(message, dict):
-            raise _WorkerDied("the worker broke the protocol (a message that is not an object)")
-        arrays = []
-        for _ in range(int(message.get("arrays", 0))):
-            data = self._frame(deadline, max_array_bytes)
-            try:
-                arrays.append(onnx_worker.load_array(data))
-            except ValueError as e:
-                raise _WorkerDied(f"the worker sent an unreadable array ({e})") from e
-        return message, arrays
-
-    def _frame(self, deadline: float, limit: int) -> bytes:
-        head = self._exactly(onnx_worker.HEADER.size, deadline)
-        (n,) = onnx_worker.HEADER.unpack(head)
-        if n > limit:
-            raise _WorkerDied(f"the worker sent a {n}-byte message; the limit is {limit} bytes")
-        return self._exactly(n, deadline)
-
-    def _exactly(self, n: int, deadline: float) -> bytes:
-        fd = self.proc.stdout.fileno()
-        while len(self._pending) < n:
-            left = deadline - time.monotonic()
-            if left <= 0 or not self._sel.select(timeout=left):
-                raise TimeoutError
-            chunk = os.read(fd, max(65536, min(n - len(self._pending), 16 << 20)))
-            if not chunk:
-                raise _WorkerDied("the worker exited")
-            self._pending += chunk
-        data = bytes(self._pending[:n])
-        del self._pending[:n]
-        return data
-
-    def exit_reason(self, *, limits: Limits) -> str:
-        """Why the (dead or dying) worker stopped: signal or exit code, and its last stderr line."""
-        try:
-            code = self.proc.wait(timeout=CLOSE_GRACE_SECONDS)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            code = self.proc.returncode
-        last = self.last_stderr_line()
-        if code is not None and code < 0:
-            sig = signal.Signals(-code)
-            what = f"killed by {sig.name}"
-            if sig == signal.SIGXCPU:
-                what += f" (the {limits.cpu_seconds} s CPU-time limit)"
-            elif sig == signal.SIGKILL:
-                what += f" (a limit: {limits.memory_mb} MB memory or {limits.cpu_seconds} s CPU time?)"
-        else:
-            what = f"exited with code {code}"
-            if code == 137 or code == 128 + signal.SIGKILL:
-                what += f" (killed; a limit: {limits.memory_mb} MB memory?)"
-            elif code == 128 + signal.SIGXCPU:
-                what += f" (the {limits.cpu_seconds} s CPU-time limit)"
-        if re.search(r"MemoryError|bad_alloc|[Cc]annot allocate|out of memory", last):
-            what += f"; out of memory under the {limits.memory_mb} MB limit"
-        return what + (f"; last stderr line: {last}" if last else "")
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def kill(self) -> None:
-        """SIGKILL the whole process group (bubblewrap takes its namespace down with it) and reap."""
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            self.proc.kill()
-        except ProcessLookupError:
-            pass
-        self.proc.wait()
-        self._finish()
-
-    def close(self) -> None:
-        """Ask politely (end of input), then kill whatever is left."""
-        try:
-            self.proc.stdin.close()
-        except OSError:
-            pass
-        try:
-            self.proc.wait(timeout=CLOSE_GRACE_SECONDS)
-        except subprocess.TimeoutExpired:
-            pass
-        self.kill()
-
-    def _finish(self) -> None:
-        self._sel.close()
-        for stream in (self.proc.stdin, self.proc.stdout):
-            try:
-                stream.close()
-            except OSError:
-                pass
-        self._drain.join(timeout=1.0)
-        if not self._drain.is_alive():  # closing under a reading thread would deadlock at exit
-            self.proc.stderr.close()
 
 
 class OnnxRuntime:
@@ -505,7 +119,7 @@ class OnnxRuntime:
         self.restarts = 0
         self._hop_samples = manifest.frame_hop_ms * SAMPLE_RATE / 1000.0
         self._out_dtype = np.dtype(manifest.output_dtype)
-        self._worker: _Worker | None = None
+        self._worker: Worker | None = None
         self._peak_mb: float | None = None
 
         self.root = Path(root).resolve()
@@ -589,14 +203,14 @@ class OnnxRuntime:
                 if kind.startswith("bwrap")
                 else str(self.root / self._model_rel)
             )
-            worker = _Worker(argv, self._env(), log_bytes=self.limits.log_bytes)
+            worker = Worker(argv, self._env(), log_bytes=self.limits.log_bytes)
             deadline = time.monotonic() + max(self.limits.wall_seconds, MIN_LOAD_SECONDS)
             try:
                 worker.send(self._worker_config(model))
                 hello, _ = worker.receive(deadline, max_array_bytes=0)
                 if hello.get("event") != "hello":
-                    raise _WorkerDied(f"unexpected first message {str(hello)[:100]}")
-            except (_WorkerDied, TimeoutError) as e:
+                    raise WorkerDied(f"unexpected first message {str(hello)[:100]}")
+            except (WorkerDied, TimeoutError) as e:
                 reason = (
                     worker.exit_reason(limits=self.limits) if not isinstance(e, TimeoutError) else "no answer"
                 )
@@ -619,7 +233,7 @@ class OnnxRuntime:
             raise SandboxError(
                 f"the model did not load within {max(self.limits.wall_seconds, MIN_LOAD_SECONDS):g} s"
             ) from None
-        except _WorkerDied:
+        except WorkerDied:
             reason = worker.exit_reason(limits=self.limits)
             self.close()
             raise SubmissionError(f"onnxruntime died loading {self.spec.model}: {reason}") from None
@@ -757,7 +371,7 @@ class OnnxRuntime:
                 f"the encoder ran past the {self.limits.wall_seconds:g} s wall-clock limit on {what}; "
                 "its worker was killed"
             ) from None
-        except _WorkerDied as e:
+        except WorkerDied as e:
             reason = worker.exit_reason(limits=self.limits)
             self._drop_worker()
             raise SandboxError(f"the encoder's worker died on {what}: {e}: {reason}") from None

@@ -224,7 +224,7 @@ def _stage_torch(folder, staging, partial, reasons, notes, extra, step) -> dict:
 
 
 def _stage_onnx(folder, staging, partial, notes, step) -> dict:
-    from evaluator.sandbox.onnx_runtime import check_model, external_data_files
+    from evaluator.sandbox.onnx_checks import check_model, external_data_files
     from evaluator.submission.export import inspect_onnx, measure_output
 
     declared = dict(partial.get("onnx") or {})

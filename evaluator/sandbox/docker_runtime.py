@@ -7,7 +7,8 @@ One ``encode`` call is one container start (the caller sends many clips per call
 grand-challenge's executor: *provision* a host folder with ``request.json`` and the WAVs, mounted
 read-only at /input (audio and the request only, never labels) and a size- and file-count-capped tmpfs
 volume for /output; *run* the manifest's entrypoint by image id with the flags of `hardened_flags`;
-*collect* /output with ``get_archive`` and check every byte against the contract; *clean up* the
+*collect* /output with ``get_archive`` and check every byte against the contract (`extract_protocol`);
+*clean up* the
 containers, the volume and the host folder whatever happened.
 
 Why a keeper container: a tmpfs is the only output cap that really holds on any filesystem, but Docker
@@ -38,13 +39,12 @@ import docker.errors
 import docker.types
 import numpy as np
 import requests
-import soundfile as sf
 
 import docker
 from evaluator.errors import EnvironmentUnavailable, SandboxError, SubmissionError
-from evaluator.resources import schema_errors
 from evaluator.sandbox.base import Limits
-from evaluator.submission.manifest import SAMPLE_RATE, Manifest
+from evaluator.sandbox.extract_protocol import first_line, read_response, untar_output, write_request
+from evaluator.submission.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ KEEPER_IMAGE = "xares/encoder-base:latest"  # holds the /output tmpfs open; buil
 USER = "65534:65534"  # nobody:nogroup
 LABEL = "org.xares-eval.role"  # on every container and volume we create, to find leftovers
 RUN_LABEL = "org.xares-eval.run"  # ... with the creating runtime's run_id
+LOG_TAIL_LINES = 200  # lines of the (already size-capped) log read back per run
 CLEAN_ENV = {  # the whole environment the encoder sees (plus OMP_NUM_THREADS)
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "HOME": "/tmp",
@@ -61,13 +62,6 @@ CLEAN_ENV = {  # the whole environment the encoder sees (plus OMP_NUM_THREADS)
     "XARES_INPUT": "/input",
     "XARES_OUTPUT": "/output",
 }
-RESPONSE_NAME = "response.json"
-REQUEST_NAME = "request.json"
-MAX_RESPONSE_BYTES = 16 << 20  # response.json larger than this is refused unread
-LOG_TAIL_LINES = 200  # lines of the (already size-capped) log read back per run
-HOP_TOLERANCE_FRAMES = 2.0  # |T - seconds*1000/hop| allowed, same rule as the probe ...
-HOP_TOLERANCE_RATIO = 0.02  # ... or this fraction of the expected frames, whichever is larger
-_SAFE_NAME = re.compile(r"^(?!\.{1,2}$)[A-Za-z0-9._-]{1,200}$")
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
@@ -112,7 +106,7 @@ def connect(*, timeout: int = 600):
         client.ping()
     except (docker.errors.DockerException, requests.exceptions.RequestException) as e:  # refused, no socket
         raise EnvironmentUnavailable(
-            f"no Docker engine answers ({_first_line(e)}); start dockerd (bash docker/ci-docker.sh) "
+            f"no Docker engine answers ({first_line(e)}); start dockerd (bash docker/ci-docker.sh) "
             "or make the socket readable for this user"
         ) from e
     return client
@@ -135,7 +129,7 @@ def image_tar_config(tar_path: Path) -> tuple[str, list[str]]:
             entries = json.loads(tar.extractfile(member).read())
     except (tarfile.TarError, KeyError, OSError, ValueError) as e:
         raise SubmissionError(
-            f"{tar_path.name} is not a `docker save` archive ({_first_line(e)}); rebuild it with xares-submit build"
+            f"{tar_path.name} is not a `docker save` archive ({first_line(e)}); rebuild it with xares-submit build"
         ) from e
     if not isinstance(entries, list) or len(entries) != 1 or not isinstance(entries[0], dict):
         raise SubmissionError(f"{tar_path.name} must hold exactly one image, found {len(entries)} entries")
@@ -174,7 +168,7 @@ def load_image(client, *, tar_path: Path, image_id: str) -> bool:
         with open(tar_path, "rb") as f:
             loaded = client.images.load(f)
     except docker.errors.APIError as e:
-        raise SubmissionError(f"docker load refused the image archive: {_first_line(e)}") from e
+        raise SubmissionError(f"docker load refused the image archive: {first_line(e)}") from e
     ids = {img.id for img in loaded}
     if image_id not in ids:
         for other in ids:
@@ -191,7 +185,7 @@ def create_volume(client, *, size_mb: int, max_files: int, labels: dict[str, str
             driver="local", driver_opts={"type": "tmpfs", "device": "tmpfs", "o": opts}, labels=labels
         )
     except docker.errors.APIError as e:
-        raise EnvironmentUnavailable(f"the Docker engine cannot create a tmpfs volume for /output: {_first_line(e)}") from e
+        raise EnvironmentUnavailable(f"the Docker engine cannot create a tmpfs volume for /output: {first_line(e)}") from e
 
 
 def start_container(client, *, image: str, entrypoint: Sequence[str], environment: list[str],
@@ -216,7 +210,7 @@ def start_container(client, *, image: str, entrypoint: Sequence[str], environmen
     except docker.errors.APIError as e:
         if container is not None:
             remove_container(container)
-        text = _first_line(e)
+        text = first_line(e)
         if gpu and re.search(r"device driver|gpu|nvidia", text, re.IGNORECASE):
             raise EnvironmentUnavailable(
                 f"a GPU was requested (Limits.gpu) but the Docker engine cannot provide one ({text}); "
@@ -239,7 +233,7 @@ def container_logs(container, *, max_bytes: int, stdout: bool = True) -> str:
     try:
         raw = container.logs(stdout=stdout, stderr=True, tail=LOG_TAIL_LINES)
     except (docker.errors.APIError, requests.exceptions.RequestException) as e:  # a courtesy: never hide the failure
-        return f"(logs unavailable: {_first_line(e)})"
+        return f"(logs unavailable: {first_line(e)})"
     return raw[-max_bytes:].decode("utf-8", errors="replace")
 
 
@@ -362,7 +356,7 @@ class ContainerRuntime:
         work = Path(tempfile.mkdtemp(prefix="xares-container-", dir=self._workdir))
         containers, volume = [], None
         try:
-            items = _write_request(work / "input", clips)
+            items = write_request(work / "input", clips)
             volume = create_volume(self._client, size_mb=self.limits.output_mb, max_files=2 * len(clips) + 16,
                                    labels=self._labels("output"))
             containers.append(self._start_keeper(volume))
@@ -373,7 +367,7 @@ class ContainerRuntime:
             out.mkdir()
             tar = copy_out(containers[0], path="/output", dest=work,
                            max_bytes=(self.limits.output_mb << 20) + (8 << 20) + 4096 * len(clips))
-            names = _untar_output(tar, out)
+            names = untar_output(tar, out)
             return read_response(out, names, items=items, manifest=self.manifest)
         finally:
             for c in reversed(containers):
@@ -518,138 +512,6 @@ class ContainerRuntime:
         )
 
 
-# --------------------------------------------------------------------------------------------------
-# Provision and collect: the extract protocol (schemas/extract_request|response.schema.json).
-
-
-def _write_request(input_dir: Path, clips: list[np.ndarray]) -> list[dict]:
-    (input_dir / "audio").mkdir(parents=True)
-    items = []
-    for i, wave in enumerate(clips):
-        item_id = f"{i:06d}"
-        rel = f"audio/{item_id}.wav"
-        sf.write(input_dir / rel, wave, SAMPLE_RATE, subtype="FLOAT")
-        items.append({"id": item_id, "path": rel, "num_samples": int(wave.size)})
-    (input_dir / REQUEST_NAME).write_text(
-        json.dumps({"schema_version": 1, "sample_rate": SAMPLE_RATE, "items": items})
-    )
-    # The encoder runs as nobody: it must read these, and nothing else of ours.
-    for p in [input_dir, input_dir / "audio", *input_dir.rglob("*")]:
-        p.chmod(0o755 if p.is_dir() else 0o644)
-    return items
-
-
-def _untar_output(tar_path: Path, out: Path) -> list[str]:
-    """Extract /output's plain files (flat); refuse links, folders, devices and odd names."""
-    names, problems = [], []
-    with tarfile.open(tar_path) as tar:
-        for m in tar:
-            parts = PurePosixPath(m.name).parts
-            rel = "/".join(parts[1:])  # the archive's top folder is "output"
-            if not rel:
-                continue
-            if m.issym() or m.islnk():
-                problems.append(f"/output/{rel} is a link (to {m.linkname!r}); write plain files only")
-            elif m.isdir():
-                problems.append(f"/output/{rel} is a folder; write features flat into /output")
-            elif not m.isfile():
-                problems.append(f"/output/{rel} is not a regular file")
-            elif "/" in rel or not _SAFE_NAME.match(rel):
-                problems.append(f"/output/{rel}: unexpected file name")
-            else:
-                with tar.extractfile(m) as src, open(out / rel, "wb") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 20)
-                names.append(rel)
-    if problems:
-        raise SandboxError(f"/output breaks the contract: {problems[0]}", reasons=problems)
-    return names
-
-
-def read_response(out: Path, names: list[str], *, items: list[dict], manifest: Manifest) -> list[np.ndarray]:
-    """Check /output against the request and the manifest, and load the features.
-
-    Args:
-        out: host folder holding the copied /output files.
-        names: the file names found there.
-        items: the request items (id, path, num_samples), in clip order.
-        manifest: gives output_dim, output_dtype and frame_hop_ms.
-
-    Returns:
-        One float32 array [T, D] per item, in request order.
-
-    Raises:
-        SandboxError: listing every broken rule (missing, duplicate or extra items and files, wrong
-        shape, dtype or frame count, non-finite values, per-item errors the encoder reported).
-    """
-    if RESPONSE_NAME not in names:
-        raise SandboxError(f"the encoder exited cleanly but wrote no /output/{RESPONSE_NAME}")
-    path = out / RESPONSE_NAME
-    if path.stat().st_size > MAX_RESPONSE_BYTES:
-        raise SandboxError(f"/output/{RESPONSE_NAME} is larger than {MAX_RESPONSE_BYTES >> 20} MiB")
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise SandboxError(f"/output/{RESPONSE_NAME} is not valid JSON: {_first_line(e)}") from e
-    problems = schema_errors(doc, "extract_response")
-    if problems:
-        raise SandboxError(f"/output/{RESPONSE_NAME} does not match extract_response.schema.json: {problems[0]}",
-                           reasons=problems)
-    by_id: dict[str, dict] = {}
-    for entry in doc["items"]:
-        if entry["id"] in by_id:
-            problems.append(f"item {entry['id']}: listed twice in {RESPONSE_NAME}")
-        by_id[entry["id"]] = entry
-    wanted = [it["id"] for it in items]
-    problems += [f"item {i}: missing from {RESPONSE_NAME}" for i in wanted if i not in by_id]
-    problems += [f"item {i}: not in the request" for i in by_id if i not in set(wanted)]
-    referenced = {RESPONSE_NAME} | {e["features"] for e in by_id.values() if e["status"] == "ok"}
-    extra = sorted(set(names) - referenced)
-    if extra:
-        problems.append(f"unexpected file(s) in /output: {', '.join(extra[:10])}" + (" ..." if len(extra) > 10 else ""))
-    features = []
-    for it in items:
-        entry = by_id.get(it["id"])
-        if entry is None:
-            continue
-        if entry["status"] != "ok":
-            problems.append(f"item {it['id']}: the encoder reported an error: {entry['error'][:300]}")
-            continue
-        arr, problem = _load_features(out, names, entry, it, manifest)
-        if problem:
-            problems.append(f"item {it['id']}: {problem}")
-        features.append(arr)
-    if problems:
-        raise SandboxError(f"the encoder's output breaks the extract contract: {problems[0]}", reasons=problems)
-    return features
-
-
-def _load_features(out: Path, names: list[str], entry: dict, item: dict, manifest: Manifest):
-    rel = entry["features"]
-    if rel not in names:
-        return None, f"features file {rel!r} is not in /output"
-    try:
-        arr = np.load(out / rel, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        return None, f"{rel} is not a plain .npy array ({_first_line(e)})"
-    if not isinstance(arr, np.ndarray):
-        return None, f"{rel} is an .npz archive, expected one .npy array"
-    if arr.dtype != np.dtype(manifest.output_dtype) or entry["dtype"] != manifest.output_dtype:
-        return None, (f"dtype {arr.dtype} (declared {entry['dtype']}), "
-                      f"manifest output_dtype is {manifest.output_dtype}")
-    if arr.ndim != 2 or arr.shape[1] != manifest.output_dim:
-        return None, f"shape {list(arr.shape)}, expected [T, {manifest.output_dim}] (manifest output_dim)"
-    if list(arr.shape) != list(entry["shape"]):
-        return None, f"shape {list(arr.shape)} but {RESPONSE_NAME} declares {entry['shape']}"
-    expected = item["num_samples"] * 1000.0 / (SAMPLE_RATE * manifest.frame_hop_ms)
-    tolerance = max(HOP_TOLERANCE_FRAMES, HOP_TOLERANCE_RATIO * expected)
-    if arr.shape[0] < 1 or abs(arr.shape[0] - expected) > tolerance:
-        return None, (f"{arr.shape[0]} frames for {item['num_samples'] / SAMPLE_RATE:g} s, expected about "
-                      f"{expected:.0f} at frame_hop_ms={manifest.frame_hop_ms:g}")
-    if not np.isfinite(arr).all():
-        bad = int(arr.size - np.isfinite(arr).sum())
-        return None, f"{bad} NaN or infinite value(s)"
-    return arr.astype(np.float32, copy=False), None
-
 
 def _payload_file(root: Path, rel: str) -> Path:
     path = root / rel
@@ -658,8 +520,3 @@ def _payload_file(root: Path, rel: str) -> Path:
     if not path.is_file():
         raise SubmissionError(f"container.image {rel!r} is not in the submission")
     return path
-
-
-def _first_line(e: BaseException) -> str:
-    text = (str(e).strip() or type(e).__name__).splitlines()
-    return text[0][:500] if text else type(e).__name__

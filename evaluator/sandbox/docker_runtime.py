@@ -8,8 +8,7 @@ grand-challenge's executor: *provision* a host folder with ``request.json`` and 
 read-only at /input (audio and the request only, never labels) and a size- and file-count-capped tmpfs
 volume for /output; *run* the manifest's entrypoint by image id with the flags of `hardened_flags`;
 *collect* /output with ``get_archive`` and check every byte against the contract (`extract_protocol`);
-*clean up* the
-containers, the volume and the host folder whatever happened.
+*clean up* the containers, the volume and the host folder whatever happened.
 
 Why a keeper container: a tmpfs is the only output cap that really holds on any filesystem, but Docker
 unmounts a tmpfs (and empties a tmpfs volume) when the last container using it stops, so a tiny

@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from evaluator.errors import ModelError
+from evaluator.hub import hub_unreachable
 
 logger = logging.getLogger(__name__)
 
@@ -251,6 +252,50 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _decoder_source(name_or_path: str) -> tuple[str, bool, str]:
+    """(what to pass to from_pretrained, local files only?, the hint a ModelError should give)."""
+    path = Path(name_or_path).expanduser()
+    looks_like_path = name_or_path.startswith((".", "/", "~")) or path.exists()
+    if looks_like_path and not path.is_dir():
+        raise ModelError(f"decoder directory {name_or_path} does not exist; pass a directory written by "
+                         "save_pretrained or a hub name such as HuggingFaceTB/SmolLM2-135M")
+    if looks_like_path:
+        return str(path), True, "check that it holds config.json, weights and tokenizer files"
+    hint = (f"download it once on a connected machine (`hf download {name_or_path}`, the cache is "
+            f"{os.environ.get('HF_HOME', '~/.cache/huggingface')}) or pass --decoder PATH to a local copy")
+    if _offline() or _in_local_cache(name_or_path):
+        return name_or_path, True, hint  # never touch the network for what is already here
+    unreachable = hub_unreachable()
+    if unreachable:
+        raise ModelError(f"decoder {name_or_path!r} is not in the local Hugging Face cache and {unreachable}; "
+                         f"{hint}")
+    return name_or_path, False, hint
+
+
+def _in_local_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # not a valid repo id
+        return False
+
+
+def check_decoder(name_or_path: str) -> None:
+    """Fail fast, before hours of extraction, when the decoder cannot be found (reads its config only).
+
+    Raises:
+        ModelError: not found or not a transformers model, with how to provide it.
+    """
+    from transformers import AutoConfig
+
+    source, local_only, hint = _decoder_source(name_or_path)
+    try:
+        AutoConfig.from_pretrained(source, local_files_only=local_only)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot find decoder {name_or_path!r}: {str(e).splitlines()[0]}; {hint}") from e
+
+
 def load_decoder(name_or_path: str, dtype: str = "float32"):
     """Load a causal LM and its tokenizer by hub name (local cache) or directory.
 
@@ -262,20 +307,11 @@ def load_decoder(name_or_path: str, dtype: str = "float32"):
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(name_or_path).expanduser()
-    looks_like_path = name_or_path.startswith((".", "/", "~")) or path.exists()
-    if looks_like_path and not path.is_dir():
-        raise ModelError(f"decoder directory {name_or_path} does not exist; pass a directory written by "
-                         "save_pretrained or a hub name such as HuggingFaceTB/SmolLM2-135M")
-    source = str(path) if looks_like_path else name_or_path
-    local_only = looks_like_path or _offline()
+    source, local_only, hint = _decoder_source(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
         decoder = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], local_files_only=local_only)
     except (OSError, ValueError) as e:
-        hint = (f"download it once on a connected machine (`hf download {name_or_path}`, the cache is "
-                f"{os.environ.get('HF_HOME', '~/.cache/huggingface')}) or pass --decoder PATH to a local copy"
-                if not looks_like_path else "check that it holds config.json, weights and tokenizer files")
         raise ModelError(f"cannot load decoder {name_or_path!r}: {str(e).splitlines()[0]}; {hint}") from e
     if tokenizer.eos_token_id is None:
         raise ModelError(f"decoder {name_or_path!r}: its tokenizer has no EOS token; generation could never stop")

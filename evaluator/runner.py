@@ -106,6 +106,9 @@ def run_submission(archive: Path, track: TrackSpec, opts: RunOptions, *, echo: E
         raise DataError(f"track {track.name} has no evaluation task (no test shards with a metric)")
     if not train_track.train_tasks:
         raise DataError(f"track {train_track.name} has no training task to train its decoder on")
+    from evaluator.model import check_decoder
+
+    check_decoder(opts.decoder or train_track.decoder_model_name)  # fail now, not after the extraction
     archive = Path(archive)
     sub_sha = sha256_file(archive)
     with tempfile.TemporaryDirectory(prefix="xares-run-") as tmp:

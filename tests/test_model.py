@@ -149,6 +149,39 @@ class TestLoading:
         with pytest.raises(ModelError, match=r"SmolLM2-135M.*(--decoder PATH)"):
             build_model(ModelConfig(encoder_dim=D))
 
+    def test_hub_name_loads_from_the_local_cache_without_network(self, decoder_dir, monkeypatch, tmp_path):
+        """The real loading path, by name: a hub cache laid out as `hf download` leaves it."""
+        import shutil
+
+        from evaluator.model import check_decoder
+
+        snapshot = tmp_path / "hub" / "models--HuggingFaceTB--SmolLM2-135M" / "snapshots" / "0123abcd"
+        shutil.copytree(decoder_dir, snapshot)
+        (snapshot.parents[1] / "refs").mkdir()
+        (snapshot.parents[1] / "refs" / "main").write_text("0123abcd")
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # a cached model needs no network at all
+        monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # and any attempt would fail loudly
+        import huggingface_hub.constants as hc
+
+        monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
+        check_decoder("HuggingFaceTB/SmolLM2-135M")
+        model = build_model(ModelConfig(encoder_dim=D))  # the default decoder name
+        assert model.config.decoder == "HuggingFaceTB/SmolLM2-135M" and model.trainable_names()
+
+    def test_uncached_hub_name_with_no_hub_fails_fast(self, monkeypatch, tmp_path):
+        import time
+
+        from evaluator.model import check_decoder
+
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+        monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+        start = time.monotonic()
+        with pytest.raises(ModelError, match="not in the local Hugging Face cache and .* unreachable"):
+            check_decoder("HuggingFaceTB/SmolLM2-135M")
+        assert time.monotonic() - start < 5  # no half-minute of retries
+
     def test_missing_directory(self, tmp_path):
         with pytest.raises(ModelError, match="does not exist"):
             build_model(ModelConfig(encoder_dim=D, decoder=str(tmp_path / "nope")))

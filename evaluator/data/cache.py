@@ -16,7 +16,6 @@ import glob
 import hashlib
 import logging
 import os
-import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,13 +24,13 @@ from evaluator.data.patterns import expand_braces, has_glob
 from evaluator.data.specs import Split, TaskSpec
 from evaluator.errors import DataError
 from evaluator.fileio import sha256_file
+from evaluator.hub import HF_TIMEOUT_S, hub_endpoint, hub_unreachable
 
 log = logging.getLogger(__name__)
 
 DATA_HOME_ENV = "XARES_DATA_HOME"
 DEFAULT_DATA_HOME = "xares_data"  # relative to the current directory, as in XARES-LLM
 DIGEST_DIR = ".xares-eval/digests"  # under the data home: one small file per (path, size, mtime)
-HF_TIMEOUT_S = 10.0  # per request; a host that drops packets must not hang the run
 MAX_LISTED = 20  # missing files named in an error before "... and N more"
 
 
@@ -175,7 +174,7 @@ def _download(task: TaskSpec, split: str, files: list[ShardFile], home: Path) ->
         from huggingface_hub import hf_hub_download
     except ImportError as e:  # pragma: no cover - a core dependency of transformers
         raise DataError("huggingface_hub is not installed; cannot download task data") from e
-    unreachable = _unreachable_hub()
+    unreachable = hub_unreachable()
     if unreachable:
         raise DataError(
             f"task {task.id}: cannot download {split} shards from {files[0].repo_id}: {unreachable} "
@@ -201,32 +200,6 @@ def _download(task: TaskSpec, split: str, files: list[ShardFile], home: Path) ->
                 f"{type(e).__name__}: {' '.join(str(e).split())[:300]}",
                 reasons=_listed(remaining, f.repo_id),
             ) from e
-
-
-def hub_endpoint() -> str:
-    """The Hugging Face endpoint: ``$HF_ENDPOINT`` read at call time, else huggingface_hub's default."""
-    from huggingface_hub import constants
-
-    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
-
-
-def _unreachable_hub() -> str | None:
-    """One quick TCP connect to the hub before any download: huggingface_hub retries a dead host for
-    half a minute per file. Skipped behind a proxy, where a direct connect says nothing."""
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return None
-    from urllib.parse import urlparse
-
-    endpoint = hub_endpoint()
-    url = urlparse(endpoint)
-    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
-    if not host:
-        return None
-    try:
-        with socket.create_connection((host, port), timeout=HF_TIMEOUT_S):
-            return None
-    except OSError as e:
-        return f"{endpoint} is unreachable ({e.strerror or type(e).__name__})"
 
 
 def _listed(names: tuple[str, ...] | list[str], repo: str | None) -> list[str]:

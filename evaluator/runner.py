@@ -108,7 +108,6 @@ def run_submission(archive: Path, track: TrackSpec, opts: RunOptions, *, echo: E
         raise DataError(f"track {train_track.name} has no training task to train its decoder on")
     from evaluator.model import check_decoder
 
-    check_decoder(opts.decoder or train_track.decoder_model_name)  # fail now, not after the extraction
     archive = Path(archive)
     sub_sha = sha256_file(archive)
     with tempfile.TemporaryDirectory(prefix="xares-run-") as tmp:
@@ -118,6 +117,7 @@ def run_submission(archive: Path, track: TrackSpec, opts: RunOptions, *, echo: E
         manifest = verify_unpacked(root)
         echo(f"  - {manifest.name} ({manifest.team}): {manifest.kind}, D = {manifest.output_dim}, "
              f"hop {manifest.frame_hop_ms:g} ms, sha256 {sub_sha[:12]}")
+        check_decoder(opts.decoder or train_track.decoder_model_name)  # fail now, not after the extraction
         sub_dir = Path(opts.out) / f"{manifest.name}-{sub_sha[:12]}"
         limits = Limits(memory_mb=opts.memory_mb or manifest.resources.memory_mb, gpu=opts.gpu)
         with _Sandbox(root, manifest, limits, echo) as sandbox:

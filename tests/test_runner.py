@@ -138,10 +138,19 @@ class TestCli:
         hidden.write_text(f"B-hidden:\n  eval: {data_home / 'demo-a' / 'demo-a_eval.yaml'}\n")
         result = CliRunner().invoke(eval_cli, [
             "run", str(root / "submission.tar"), "--track", "B-hidden", "--hidden-config", str(hidden),
-            "--data-home", str(tmp_path / "empty"), "--offline", "--out", str(tmp_path / "out"), "--quiet"])
+            "--decoder", str(root / "decoder"), "--data-home", str(tmp_path / "empty"), "--offline",
+            "--out", str(tmp_path / "out"), "--quiet"])
         assert result.exit_code == 1, result.output
         assert "LibriSpeech/train" in result.output or "AISHELL-1/train" in result.output, result.output
         assert "Traceback" not in result.output
+
+    def test_a_missing_decoder_stops_the_run_before_any_extraction(self, world, tmp_path):
+        root, data_home, _ = world
+        result = CliRunner().invoke(eval_cli, [
+            "run", str(root / "submission.tar"), "--track", "demo-a", "--data-home", str(data_home),
+            "--decoder", str(tmp_path / "no-decoder"), "--out", str(tmp_path / "out"), "--quiet"])
+        assert result.exit_code == 1 and "decoder directory" in result.output
+        assert "Extracting" not in result.output and not (tmp_path / "out").exists()
 
     def test_run_cli_prints_table(self, world):
         root, data_home, _ = world

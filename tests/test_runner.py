@@ -160,3 +160,43 @@ class TestCli:
             "--out", str(root / "out"), "--quiet", "--machine", "test"])
         assert result.exit_code == 0, result.output
         assert "| rank |" in result.output and "Results:" in result.output
+
+
+def test_a_run_killed_mid_training_resumes_to_the_same_result(world, tmp_path):
+    """SIGKILL after the first checkpoint, rerun: same predictions and scores as an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root, data_home, _ = world
+    args = [sys.executable, "-m", "evaluator", "run", str(root / "submission.tar"), "--track", "demo-a",
+            "--data-home", str(data_home), "--decoder", str(root / "decoder"), "--max-steps", "60",
+            "--checkpoint-every", "10", "--limit-clips", "6", "--offline", "--quiet", "--machine", "test",
+            "--threads", "1"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    killed = subprocess.Popen([*args, "--out", str(tmp_path / "a")], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not list((tmp_path / "a").glob("*/train-*/checkpoint-00000010")):
+        assert killed.poll() is None, "the run ended before its first checkpoint"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert not list((tmp_path / "a").glob("*/*/results.json"))
+
+    resumed = subprocess.run([*args, "--out", str(tmp_path / "a")], env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from step" in resumed.stdout
+    straight = subprocess.run([*args, "--out", str(tmp_path / "b")], env=env, capture_output=True, text=True)
+    assert straight.returncode == 0, straight.stderr
+
+    def outputs(out):
+        (run_dir,) = [p.parent for p in out.glob("*/*/results.json")]
+        doc = json.loads((run_dir / "results.json").read_text())
+        preds = {p.name: p.read_text() for p in sorted((run_dir / "predictions").glob("*.jsonl"))}
+        return run_dir.name, [(t["task"], t["score"]) for t in doc["tasks"]], preds
+
+    assert outputs(tmp_path / "a") == outputs(tmp_path / "b")

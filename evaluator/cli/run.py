@@ -53,6 +53,8 @@ reuses an old checkpoint or score.""",
 @click.option("--limit-clips", type=click.IntRange(min=1), default=None,
               help="At most N clips per task and split (smoke runs; scores are not comparable).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch CPU threads [default: all cores].")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=500, show_default=True,
+              help="Training steps between checkpoints (a killed run resumes from the last one).")
 @click.option("--eval-batch-size", type=click.IntRange(min=1), default=None,
               help="Clips decoded together [default: 32]; greedy answers do not depend on it.")
 @click.option("--memory-mb", type=click.IntRange(min=64), default=None,
@@ -65,7 +67,7 @@ reuses an old checkpoint or score.""",
 def run(submission: Path, track: str | None, train_config: Path | None, eval_config: Path | None,
         decoder: str | None, max_steps: int | None, out: Path, precision: str, seed: int | None,
         machine: str | None, data_home: Path | None, hidden_config: Path | None, offline: bool,
-        limit_clips: int | None, threads: int | None, eval_batch_size: int | None, memory_mb: int | None, gpu: bool, spot_check: float,
+        limit_clips: int | None, threads: int | None, checkpoint_every: int, eval_batch_size: int | None, memory_mb: int | None, gpu: bool, spot_check: float,
         quiet: bool) -> None:
     """Evaluate SUBMISSION (a submission.tar) on a track and write results.json.
 
@@ -86,7 +88,7 @@ def run(submission: Path, track: str | None, train_config: Path | None, eval_con
         train_spec = resolve_track(track, data_home=data_home, hidden_config=hidden_config)
     opts = RunOptions(out=out, decoder=decoder, max_steps=max_steps, precision=precision, seed=seed,
                       data_home=data_home, hidden_config=hidden_config, download=not offline,
-                      limit_clips=limit_clips, threads=threads, eval_batch_size=eval_batch_size, memory_mb=memory_mb, gpu=gpu, spot_check=spot_check,
+                      limit_clips=limit_clips, threads=threads, checkpoint_every=checkpoint_every, eval_batch_size=eval_batch_size, memory_mb=memory_mb, gpu=gpu, spot_check=spot_check,
                       progress=not quiet and sys.stdout.isatty(), **({"machine": machine} if machine else {}))
     outcome = run_submission(submission, spec, opts, echo=click.echo, train_track=train_spec)
     from evaluator.cli.leaderboard import build_table, render_md

@@ -245,6 +245,16 @@ def _template_encode():
     return module.encode
 
 
+def test_peak_memory_of_the_encoder_is_measured(hostile_images, tmp_path, sandbox):
+    manifest = submission(tmp_path / "sub", hostile_images["hungry"])
+    with sandbox.open(tmp_path / "sub", manifest, LIMITS) as rt:
+        assert rt.peak_memory_mb() is None  # nothing ran yet
+        (out,) = rt.encode(waves((16000,)))
+        peak = rt.peak_memory_mb()
+    assert out.shape == (50, 8)
+    assert peak is not None and 96 <= peak <= LIMITS.memory_mb, peak  # holds 96 MiB, capped at 256
+
+
 class TestTemplate:
     def test_template_builds_saves_loads_and_extracts(self, client, tmp_path, sandbox):
         # A private copy with a unique label gives an image id nobody else holds, so removing our tag

@@ -30,6 +30,7 @@ import re
 import shutil
 import tarfile
 import tempfile
+import threading
 import uuid
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
@@ -321,6 +322,7 @@ class ContainerRuntime:
         self.calls = 0
         self.run_id = run_id or uuid.uuid4().hex[:16]  # labels everything this runtime creates in the engine
         self.last_log = ""  # capped log tail of the latest run, for --debug output
+        self._peak_mb: float | None = None  # see peak_memory_mb
         self._workdir = workdir
         self._keeper_image = keeper_image
         self._keep_image = keep_image
@@ -430,10 +432,17 @@ class ContainerRuntime:
             raise
         return container
 
+    def peak_memory_mb(self) -> float | None:
+        """Highest memory use of any encoder run so far (the cgroup's high-water mark), or None."""
+        return self._peak_mb
+
     def _run(self, container) -> None:
         """Wait for the encoder; raise with its last log line when it did not exit cleanly."""
         limit = self.limits.wall_seconds
-        code = wait_container(container, timeout=limit)
+        with _MemoryWatch(container) as watch:
+            code = wait_container(container, timeout=limit)
+        if watch.peak_bytes:
+            self._peak_mb = max(self._peak_mb or 0.0, watch.peak_bytes / 2**20)
         if code is None:
             kill_container(container)  # logs first, removal in encode's `finally`
         self.last_log = container_logs(container, max_bytes=self.limits.log_bytes)
@@ -519,3 +528,38 @@ def _payload_file(root: Path, rel: str) -> Path:
     if not path.is_file():
         raise SubmissionError(f"container.image {rel!r} is not in the submission")
     return path
+
+
+class _MemoryWatch:
+    """Samples a running container's memory from the engine while we wait for it.
+
+    The cgroup's high-water mark (``max_usage``, cgroup v1) or current use (v2) is read every
+    ``period`` seconds; the cgroup vanishes when the container stops, so a run shorter than one sample
+    is not measured (None) rather than guessed.
+    """
+
+    def __init__(self, container, period: float = 0.2):
+        self.container, self.period = container, period
+        self.peak_bytes: int | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="xares-memory-watch", daemon=True)
+
+    def __enter__(self) -> _MemoryWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                stats = self.container.stats(stream=False, one_shot=True)
+            except (docker.errors.APIError, requests.RequestException, ValueError):
+                return  # the container is gone: nothing more to sample
+            memory = stats.get("memory_stats") or {}
+            used = memory.get("max_usage") or memory.get("usage")
+            if used:
+                self.peak_bytes = max(self.peak_bytes or 0, int(used))
+            self._stop.wait(self.period)

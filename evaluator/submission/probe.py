@@ -331,7 +331,7 @@ def _check_memory(peak: float | None, manifest: Manifest) -> Check:
     budget = manifest.resources.memory_mb
     if peak is None:
         return Check("memory", True, "peak memory not measured for this runtime")
-    detail = f"peak {peak:.0f} MiB above the starting level"
+    detail = f"peak {peak:.0f} MiB used by the encoder"
     if peak > budget:
         return Check("memory", False, detail + f", over the manifest's resources.memory_mb = {budget}")
     return Check("memory", True, detail + f" (budget {budget} MiB)")

@@ -8,6 +8,13 @@ escapes is *our* bug: the CLI reports it as an internal error (traceback with ``
 from __future__ import annotations
 
 
+def first_line(e: BaseException, limit: int = 500) -> str:
+    """The first non-empty line of an exception's message (or its type), for one-line reports."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    text = lines[0] if lines else type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class XaresError(Exception):
     """Something the user must fix. The message says what was expected, what arrived, and how to fix it."""
 

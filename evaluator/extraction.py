@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from evaluator.errors import ConfigError, DataError, SandboxError
+from evaluator.errors import ConfigError, DataError, SandboxError, first_line
 from evaluator.features import Failure, FeatureStore, PendingClip
 from evaluator.submission.manifest import SAMPLE_RATE
 
@@ -250,7 +250,7 @@ class _Encoder:
             out = self.runtime.encode(waves)
         except SandboxError as e:
             if len(batch) == 1:
-                return [_one_line(e)]
+                return [first_line(e)]
             return [self._run([p])[0] for p in batch]  # isolate the clip(s) that fail
         if not isinstance(out, (list, tuple)) or len(out) != len(waves):
             got = len(out) if isinstance(out, (list, tuple)) else type(out).__name__
@@ -525,10 +525,6 @@ def spot_check(
             )
     return SpotCheckReport(tuple(keys), max_diff, worst, runtime.calls - calls0, time.monotonic() - start)
 
-
-def _one_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 def _mb(n: int) -> str:

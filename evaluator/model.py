@@ -32,7 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from evaluator.errors import ModelError
+from evaluator.errors import ModelError, first_line
 from evaluator.hub import hub_unreachable
 
 logger = logging.getLogger(__name__)
@@ -293,7 +293,7 @@ def check_decoder(name_or_path: str) -> None:
     try:
         AutoConfig.from_pretrained(source, local_files_only=local_only)
     except (OSError, ValueError) as e:
-        raise ModelError(f"cannot find decoder {name_or_path!r}: {str(e).splitlines()[0]}; {hint}") from e
+        raise ModelError(f"cannot find decoder {name_or_path!r}: {first_line(e)}; {hint}") from e
 
 
 def load_decoder(name_or_path: str, dtype: str = "float32"):
@@ -312,7 +312,7 @@ def load_decoder(name_or_path: str, dtype: str = "float32"):
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
         decoder = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], local_files_only=local_only)
     except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load decoder {name_or_path!r}: {str(e).splitlines()[0]}; {hint}") from e
+        raise ModelError(f"cannot load decoder {name_or_path!r}: {first_line(e)}; {hint}") from e
     if tokenizer.eos_token_id is None:
         raise ModelError(f"decoder {name_or_path!r}: its tokenizer has no EOS token; generation could never stop")
     if tokenizer.pad_token_id is None:

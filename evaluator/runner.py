@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from evaluator.data import SkipReport, TaskSpec, TrackSpec, get_track, iter_clips, shard_digests
-from evaluator.errors import DataError, SubmissionError, XaresError
+from evaluator.errors import DataError, SubmissionError, XaresError, first_line
 from evaluator.extraction import ExtractionConfig, extract, sample_keys, spot_check
 from evaluator.features import FeatureStore, StoreKey
 from evaluator.fileio import atomic_write_text, sha256_file
@@ -340,7 +340,7 @@ class _Stages:
                 if isinstance(e, SubmissionError):
                     raise
                 results.append(TaskResult(task.id, task.hidden, task.metric or "?", 0.0, 0, failed=True,
-                                          error=str(e).splitlines()[0]))
+                                          error=first_line(e)))
                 self.echo(f"  - {task.id}: FAILED: {e}")
         return results
 

@@ -41,9 +41,9 @@ import numpy as np
 import requests
 
 import docker
-from evaluator.errors import EnvironmentUnavailable, SandboxError, SubmissionError
+from evaluator.errors import EnvironmentUnavailable, SandboxError, SubmissionError, first_line
 from evaluator.sandbox.base import Limits
-from evaluator.sandbox.extract_protocol import first_line, read_response, untar_output, write_request
+from evaluator.sandbox.extract_protocol import read_response, untar_output, write_request
 from evaluator.submission.manifest import Manifest
 
 log = logging.getLogger(__name__)

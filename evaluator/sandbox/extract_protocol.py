@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import soundfile as sf
 
-from evaluator.errors import SandboxError
+from evaluator.errors import SandboxError, first_line
 from evaluator.resources import schema_errors
 from evaluator.submission.manifest import SAMPLE_RATE, Manifest
 
@@ -155,8 +155,3 @@ def _load_features(out: Path, names: list[str], entry: dict, item: dict, manifes
         bad = int(arr.size - np.isfinite(arr).sum())
         return None, f"{bad} NaN or infinite value(s)"
     return arr.astype(np.float32, copy=False), None
-
-
-def first_line(e: BaseException) -> str:
-    text = (str(e).strip() or type(e).__name__).splitlines()
-    return text[0][:500] if text else type(e).__name__

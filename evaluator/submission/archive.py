@@ -20,7 +20,7 @@ import tarfile
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
-from evaluator.errors import SubmissionError
+from evaluator.errors import SubmissionError, first_line
 from evaluator.fileio import sha256_file
 from evaluator.submission.manifest import CHECKSUMS_NAME, MANIFEST_NAME, Manifest, PayloadFile
 
@@ -163,8 +163,7 @@ def safe_unpack(archive: Path, dest: Path, limits: UnpackLimits = UnpackLimits()
         tar = tarfile.open(archive, "r:*")  # noqa: SIM115 - closed below; open errors reported apart
     except (tarfile.TarError, EOFError, OSError) as e:
         # tarfile lists every compression it tried on separate lines; the user needs the gist only
-        first = str(e).splitlines()[0].rstrip(":") if str(e) else type(e).__name__
-        raise SubmissionError(f"{archive.name} is not a readable tar archive ({first})") from e
+        raise SubmissionError(f"{archive.name} is not a readable tar archive ({first_line(e).rstrip(':')})") from e
     with tar:
         members, reasons, seen, total = [], [], set(), 0
         try:

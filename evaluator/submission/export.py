@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluator.errors import SubmissionError
+from evaluator.errors import SubmissionError, first_line
 from evaluator.sandbox.onnx_runtime import error_line
 from evaluator.submission.manifest import SAMPLE_RATE, OnnxSpec
 
@@ -180,7 +180,7 @@ def _export(wrapper, audio, mask, out: Path, output_names: list[str]) -> str:
             errors.append(f"dynamo exporter: fixed input shapes {fixed}")
             log.info("dynamo export fixed the input shapes %s, trying the TorchScript exporter", fixed)
         except Exception as e:  # the exporters raise many unrelated types
-            errors.append(f"dynamo exporter: {_last_line(e)}")
+            errors.append(f"dynamo exporter: {first_line(e, 300)}")
             log.info("dynamo export failed, trying the TorchScript exporter", exc_info=True)
         axes = {AUDIO_INPUT: {0: "batch", 1: "samples"}, MASK_INPUT: {0: "batch", 1: "samples"}}
         axes.update({n: {0: "batch", 1: "frames"} for n in output_names})
@@ -198,7 +198,7 @@ def _export(wrapper, audio, mask, out: Path, output_names: list[str]) -> str:
             )
             return "torchscript"
         except Exception as e:  # noqa: BLE001 - as above
-            errors.append(f"TorchScript exporter: {_last_line(e)}")
+            errors.append(f"TorchScript exporter: {first_line(e, 300)}")
     raise SubmissionError("torch.onnx could not export the encoder", reasons=errors)
 
 
@@ -223,10 +223,6 @@ def _quiet():
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
 
-
-def _last_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return (lines[0] if lines else type(e).__name__)[:300]
 
 
 def export_encoder(encoder_py: Path, out: Path) -> ExportResult:

@@ -105,6 +105,12 @@ class StoreKey:
         d["settings"] = tuple(dict(d.get("settings", {})).items())
         return cls(**d)
 
+    @classmethod
+    def for_shards(cls, submission_sha256: str, shard_digests: dict[str, str], **fields) -> StoreKey:
+        """The key of one task split's features: ``shard_digests`` maps shard name -> content sha256."""
+        return cls(submission_sha256=submission_sha256,
+                   data_digests=tuple(f"{name}={d}" for name, d in shard_digests.items()), **fields)
+
     @property
     def digest(self) -> str:
         blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))

@@ -21,7 +21,6 @@ import json
 import logging
 import platform
 import random
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -34,7 +33,7 @@ from evaluator.features import FeatureStore, StoreKey
 from evaluator.fileio import atomic_write_text, sha256_file
 from evaluator.sandbox import Limits, open_runtime
 from evaluator.sandbox.base import Runtime
-from evaluator.submission.archive import safe_unpack, verify_unpacked
+from evaluator.submission.archive import unpacked
 from evaluator.submission.manifest import Manifest
 from evaluator.submission.probe import run_probe
 
@@ -109,12 +108,9 @@ def run_submission(archive: Path, track: TrackSpec, opts: RunOptions, *, echo: E
     from evaluator.model import check_decoder
 
     archive = Path(archive)
-    sub_sha = sha256_file(archive)
-    with tempfile.TemporaryDirectory(prefix="xares-run-") as tmp:
-        echo(f"Checking {archive.name}")
-        root = Path(tmp) / "submission"
-        safe_unpack(archive, root)
-        manifest = verify_unpacked(root)
+    echo(f"Checking {archive.name}")
+    with unpacked(archive) as sub:
+        root, manifest, sub_sha = sub.root, sub.manifest, sub.sha256
         echo(f"  - {manifest.name} ({manifest.team}): {manifest.kind}, D = {manifest.output_dim}, "
              f"hop {manifest.frame_hop_ms:g} ms, sha256 {sub_sha[:12]}")
         check_decoder(opts.decoder or train_track.decoder_model_name)  # fail now, not after the extraction
@@ -235,9 +231,8 @@ class _Stages:
         settings = [("label_keys", ";".join(task.keys(split)))]
         if self.opts.limit_clips:
             settings.append(("limit", str(self.opts.limit_clips)))
-        key = StoreKey(submission_sha256=self.sub_sha, data_digests=tuple(f"{n}={d}" for n, d in digests.items()),
-                       task=task.id, split=split, dtype=self.opts.feature_dtype,
-                       window_seconds=self.manifest.max_audio_seconds, settings=tuple(settings))
+        key = StoreKey.for_shards(self.sub_sha, digests, task=task.id, split=split, dtype=self.opts.feature_dtype,
+                                  window_seconds=self.manifest.max_audio_seconds, settings=tuple(settings))
         store = FeatureStore.open(self.store_root, key)
         skips = SkipReport(task=task.id, split=split)
         if store.complete:

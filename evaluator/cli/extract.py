@@ -8,7 +8,6 @@ Example::
 from __future__ import annotations
 
 import sys
-import tempfile
 from pathlib import Path
 
 import click
@@ -72,9 +71,8 @@ def extract(submission: Path, patterns: tuple[str, ...], out: Path, task: str, s
     from evaluator.data.specs import TaskSpec
     from evaluator.extraction import ExtractionConfig, reused_report
     from evaluator.extraction import extract as run_extraction
-    from evaluator.fileio import sha256_file
     from evaluator.sandbox import Limits, open_runtime
-    from evaluator.submission.archive import safe_unpack, verify_unpacked
+    from evaluator.submission.archive import unpacked
 
     keys = tuple(k.strip() for k in label_keys.split(";") if k.strip())
     patterns = tuple(_absolute(p) for p in patterns)
@@ -82,20 +80,16 @@ def extract(submission: Path, patterns: tuple[str, ...], out: Path, task: str, s
                     train_keys=keys, eval_keys=keys)
 
     click.echo(f"Checking {submission.name}")
-    sub_sha = sha256_file(submission)
-    with tempfile.TemporaryDirectory(prefix="xares-extract-", dir=work_dir) as tmp:
-        root = Path(tmp) / "submission"
-        safe_unpack(submission, root)
-        manifest = verify_unpacked(root)
+    with unpacked(submission, workdir=work_dir) as sub:
+        root, manifest, sub_sha = sub.root, sub.manifest, sub.sha256
         click.echo(f"  - {manifest.name} by {manifest.team}: {manifest.kind}, D = {manifest.output_dim}, "
                    f"hop {manifest.frame_hop_ms:g} ms, windows of {manifest.max_audio_seconds:g} s")
         click.echo(f"  - sha256 {sub_sha}")
 
         digests = shard_digests(spec, split, download=False)
         settings = [("label_keys", ";".join(keys))] + ([("limit", str(limit))] if limit else [])
-        key = StoreKey(submission_sha256=sub_sha, data_digests=tuple(f"{n}={d}" for n, d in digests.items()),
-                       task=task, split=split, dtype=dtype, window_seconds=manifest.max_audio_seconds,
-                       settings=tuple(settings))
+        key = StoreKey.for_shards(sub_sha, digests, task=task, split=split, dtype=dtype,
+                                  window_seconds=manifest.max_audio_seconds, settings=tuple(settings))
         store = FeatureStore.open(out, key)
         click.echo(f"Features of {len(digests)} shard{'s' if len(digests) != 1 else ''}: {store.path}")
 

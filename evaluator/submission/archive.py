@@ -14,9 +14,12 @@ second line of defence.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tarfile
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
@@ -290,3 +293,34 @@ def verify_unpacked(root: Path) -> Manifest:
     if problems:
         raise SubmissionError("the submission's checksums do not match its contents", reasons=problems)
     return manifest
+
+
+@dataclass(frozen=True)
+class Unpacked:
+    """A verified submission in a temporary folder (valid inside the `unpacked` block only)."""
+
+    root: Path  # holds manifest.json and the payload
+    manifest: Manifest
+    sha256: str  # of the archive: what results, features and checkpoints are keyed by
+
+
+@contextlib.contextmanager
+def unpacked(archive: Path, limits: UnpackLimits = UnpackLimits(), *, workdir: Path | None = None,
+             step: Callable[[str], None] = lambda msg: None) -> Iterator[Unpacked]:
+    """Unpack ``archive`` safely and verify manifest and checksums; the folder is removed afterwards.
+
+    The one way validate, extract and run open a submission, so all three apply the same checks.
+
+    Raises:
+        SubmissionError: not a file, a hostile or broken archive, a bad manifest or checksum.
+    """
+    archive = Path(archive)
+    if not archive.is_file():
+        raise SubmissionError(f"{archive} is not a file")
+    digest = sha256_file(archive)
+    with tempfile.TemporaryDirectory(prefix="xares-submission-", dir=workdir) as tmp:
+        root = Path(tmp) / "submission"
+        step(f"Unpacking {archive.name} safely")
+        safe_unpack(archive, root, limits)
+        step("Checking manifest.json and checksums")
+        yield Unpacked(root=root, manifest=verify_unpacked(root), sha256=digest)

@@ -13,16 +13,14 @@ Example::
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from evaluator.errors import SubmissionError
-from evaluator.fileio import sha256_file
 from evaluator.sandbox import open_runtime
 from evaluator.sandbox.base import Limits
-from evaluator.submission.archive import UnpackLimits, safe_unpack, verify_unpacked
+from evaluator.submission.archive import UnpackLimits, unpacked
 from evaluator.submission.manifest import Manifest
 from evaluator.submission.probe import ProbeConfig, ProbeReport, run_probe
 
@@ -63,18 +61,11 @@ def validate(
         EnvironmentUnavailable: the runtime the submission needs is missing (Docker, GPU).
     """
     archive = Path(archive)
-    if not archive.is_file():
-        raise SubmissionError(f"{archive} is not a file")
-    digest = sha256_file(archive)
-    with tempfile.TemporaryDirectory(prefix="xares-validate-", dir=options.workdir) as tmp:
-        root = Path(tmp) / "submission"
-        step(f"Unpacking {archive.name} safely")
-        safe_unpack(archive, root, options.unpack)
-        step("Checking manifest.json and checksums")
-        manifest = verify_unpacked(root)
+    with unpacked(archive, options.unpack, workdir=options.workdir, step=step) as sub:
+        manifest, digest = sub.manifest, sub.sha256
         limits = options.limits or Limits(memory_mb=manifest.resources.memory_mb)
         step(f"Probing the encoder ({manifest.kind}) with the organizer's checks")
-        with open_runtime(root, manifest, limits) as runtime:
+        with open_runtime(sub.root, manifest, limits) as runtime:
             report = run_probe(runtime, manifest, options.probe)
     if not report.ok:
         raise SubmissionError(f"{archive.name} fails {len(report.reasons)} check(s)", reasons=report.reasons)

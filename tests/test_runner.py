@@ -200,3 +200,14 @@ def test_a_run_killed_mid_training_resumes_to_the_same_result(world, tmp_path):
         return run_dir.name, [(t["task"], t["score"]) for t in doc["tasks"]], preds
 
     assert outputs(tmp_path / "a") == outputs(tmp_path / "b")
+
+
+def test_demo_command_runs_both_tracks_and_prints_chance(tmp_path):
+    """`make demo`'s command end to end, shortened: a leaderboard row per track and a chance line per task."""
+    result = CliRunner().invoke(eval_cli, ["demo", "--out", str(tmp_path / "demo"), "--max-steps", "4",
+                                           "--decoder-steps", "5", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "| 1 | logmel-baseline |" in result.output and "NOT SmolLM2" in result.output
+    tail = result.output.split("Chance level of each task")[1]
+    chance = [line for line in tail.splitlines() if line.startswith("  - demo-")]
+    assert len(chance) == 5 and all(line.split()[-1].replace(".", "").isdigit() for line in chance)

@@ -8,6 +8,7 @@ demo-a and demo-b through `xares-eval run`'s code path and prints the leaderboar
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from collections import Counter
@@ -37,7 +38,7 @@ def demo(out: Path, max_steps: int, decoder_steps: int, quiet: bool) -> None:
     from evaluator.cli.leaderboard import build_table, render_md
     from evaluator.data import generate_demo, get_track, iter_clips
     from evaluator.resources import template_dir
-    from evaluator.runner import RunOptions, run_submission
+    from evaluator.runner import PREDICTIONS_DIR, RunOptions, run_submission
     from evaluator.scoring import leaderboard, parse_results
     from evaluator.smoke_decoder import build_smoke_decoder
     from evaluator.submission.build import build
@@ -71,28 +72,31 @@ def demo(out: Path, max_steps: int, decoder_steps: int, quiet: bool) -> None:
                           for t in clip.targets]
         build_smoke_decoder(texts, decoder, steps=decoder_steps)
 
-    documents = []
+    outcomes = {}
     for name, track in tracks.items():
         click.echo(f"\n== {name} ==")
         opts = RunOptions(out=out / "runs", decoder=str(decoder), max_steps=max_steps, data_home=data_home,
                           download=False, progress=not quiet and sys.stdout.isatty(), machine="demo-cpu")
-        documents.append(run_submission(submission, track, opts, echo=click.echo).document)
+        outcomes[name] = run_submission(submission, track, opts, echo=click.echo)
 
-    results = [parse_results(d) for d in documents]
+    results = [parse_results(o.document) for o in outcomes.values()]
     header, body = build_table(leaderboard(results))
     click.echo("\nLeaderboard (smoke-test decoder, demo data):\n")
     click.echo(render_md(header, body))
     click.echo("\nChance level of each task (majority answer of its test set):")
     for name, track in tracks.items():
         for task in track.eval_tasks:
-            click.echo(f"  - {name}/{task.id}: {task.metric} {100 * _chance(task, data_home):.1f}")
+            chance = _chance(task, outcomes[name].run_dir / PREDICTIONS_DIR / f"{task.id}.jsonl")
+            click.echo(f"  - {name}/{task.id}: {task.metric} {100 * chance:.1f}")
 
 
-def _chance(task, data_home: Path) -> float:
-    """The score of always answering the most frequent test answer: the bar the demo must clear."""
-    from evaluator.data import iter_clips
+def _chance(task, predictions: Path) -> float:
+    """The score of always answering the most frequent test answer: the bar the demo must clear.
+
+    The references come from the run's own predictions file, so no audio is read again.
+    """
     from evaluator.metrics import score
 
-    refs = [list(c.targets) for c in iter_clips(task, "test", data_home=data_home, download=False)]
+    refs = [json.loads(line)["references"] for line in predictions.read_text().splitlines() if line]
     majority = Counter(r[0] for r in refs).most_common(1)[0][0]
     return score(task.metric, [majority] * len(refs), refs, **task.metric_args)

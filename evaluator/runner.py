@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from evaluator.data import SkipReport, TaskSpec, TrackSpec, get_track, iter_clips, shard_digests
+from evaluator.data import SkipReport, TaskSpec, TrackSpec, clips_by_key, get_track, iter_clips, shard_digests
 from evaluator.errors import DataError, SubmissionError, XaresError, first_line
 from evaluator.extraction import ExtractionConfig, extract, sample_keys, spot_check
 from evaluator.features import FeatureStore, StoreKey
@@ -260,8 +260,7 @@ class _Stages:
         store = stores[task.id]
         n = min(len(store.entries), max(SPOT_CHECK_MIN_CLIPS, round(self.opts.spot_check * len(store.entries))))
         wanted = set(sample_keys(store, n=n, seed=rng.randrange(2**31)))
-        clips = {c.key: c for c in iter_clips(task, "test", data_home=self.opts.data_home, download=False,
-                                              limit=self.opts.limit_clips) if c.key in wanted}
+        clips = clips_by_key(task, "test", wanted, data_home=self.opts.data_home)
         report = spot_check(self.sandbox.runtime, clips, store, self.manifest)
         self.echo(f"  - spot check on {task.id}: {len(report.checked)} clips re-extracted, "
                   f"max |diff| {report.max_abs_diff:.3g}: ok")

@@ -163,3 +163,26 @@ def test_write_shard_is_reproducible(tmp_path):
     one = write_shard(tmp_path / "1.tar.gz", members).read_bytes()
     two = write_shard(tmp_path / "2.tar.gz", members).read_bytes()
     assert one == two
+
+
+def test_clips_by_key_reads_only_the_shards_it_needs(tmp_path, monkeypatch):
+    from evaluator.data import TaskSpec, clips_by_key, iter_clips
+    from evaluator.data import shards as shards_module
+
+    for s in range(3):
+        members = []
+        for i in range(3):
+            members += [(f"c{i}.wav", audio_bytes(freq=200.0 + 100 * (3 * s + i))), (f"c{i}.json", label(label=f"x{s}{i}"))]
+        write_shard(tmp_path / f"part_{s}.tar.gz", members)
+    task = TaskSpec(id="t", name="t", track="custom", test_shards=(str(tmp_path / "part_*.tar.gz"),),
+                    eval_keys=KEYS, metric="Accuracy")
+    every = {c.key: c for c in iter_clips(task, "test", download=False)}
+    opened = []
+    real = shards_module.read_shard
+    monkeypatch.setattr(shards_module, "read_shard", lambda path, **kw: (opened.append(Path(path).name), real(path, **kw))[1])
+    wanted = ["part_0.tar.gz/c1", "part_2.tar.gz/c0", "part_2.tar.gz/c2"]
+    got = clips_by_key(task, "test", wanted)
+    assert sorted(got) == sorted(wanted) and sorted(opened) == ["part_0.tar.gz", "part_2.tar.gz"]
+    for key in wanted:
+        np.testing.assert_array_equal(got[key].audio, every[key].audio)
+        assert got[key].targets == every[key].targets

@@ -107,7 +107,7 @@ def extract(submission: Path, patterns: tuple[str, ...], out: Path, task: str, s
                     clips = iter_clips(spec, split, report=skips, download=False, limit=limit)
                     report = run_extraction(runtime, clips, store, manifest, config, progress=tick)
                 if spot_fraction > 0:
-                    check = _spot_check(runtime, spec, split, limit, store, manifest, config, spot_fraction, seed)
+                    check = _spot_check(runtime, spec, split, store, manifest, config, spot_fraction, seed)
 
     if report.reused:
         click.echo(f"  - clips: {report.clips} stored, {report.failed} failed (scored as wrong); reused, "
@@ -129,12 +129,12 @@ def extract(submission: Path, patterns: tuple[str, ...], out: Path, task: str, s
     click.echo(f"Reused {store.path}" if report.reused else f"Done: {store.path}")
 
 
-def _spot_check(runtime, spec, split, limit, store, manifest, config, fraction, seed) -> None:
-    from evaluator.data.shards import iter_clips
+def _spot_check(runtime, spec, split, store, manifest, config, fraction, seed):
+    from evaluator.data.shards import clips_by_key
     from evaluator.extraction import sample_keys, spot_check
 
-    wanted = set(sample_keys(store, fraction=fraction, seed=seed))
-    clips = {c.key: c for c in iter_clips(spec, split, download=False, limit=limit) if c.key in wanted}
+    wanted = sample_keys(store, fraction=fraction, seed=seed)
+    clips = clips_by_key(spec, split, wanted)
     return spot_check(runtime, clips, store, manifest, fraction=fraction, seed=seed, config=config)
 
 

@@ -205,6 +205,26 @@ def iter_clips(
                 return
 
 
+def clips_by_key(
+    task: TaskSpec, split: Split, wanted: Iterable[str], *, data_home: Path | None = None, download: bool = False
+) -> dict[str, Clip]:
+    """The clips with these keys, reading only the shard files they come from.
+
+    A spot check re-encodes a handful of clips; decoding a whole task again to find them would cost as
+    much audio I/O as the extraction itself.
+
+    Raises:
+        DataError: shard files are missing.
+    """
+    wanted = set(wanted)
+    paths = resolve_shards(task, split, data_home=data_home, download=download)
+    found: dict[str, Clip] = {}
+    for name, path in zip(shard_names(paths), paths):
+        if any(key.startswith(name + "/") for key in wanted):
+            found.update((c.key, c) for c in read_shard(path, keys=task.keys(split), name=name) if c.key in wanted)
+    return found
+
+
 def read_shard(
     path: Path,
     *,

@@ -29,6 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from evaluator.features import ArrayDataset  # noqa: E402
 from evaluator.generation import DecodingOptions, generate  # noqa: E402
 from evaluator.model import Batch, ModelConfig, build_model  # noqa: E402
 from evaluator.smoke_decoder import build_smoke_decoder, build_smollm2_shaped  # noqa: E402
@@ -84,24 +85,10 @@ def encode(encoder, waves: list[np.ndarray]) -> list[torch.Tensor]:
     return [feats[i, : int(frames[i])] for i in range(len(waves))]
 
 
-class CachedFeatures:
-    """A FeatureDataset over features extracted once (what the feature store hands the engine)."""
-
-    def __init__(self, encoder, clips):
-        self.task, self.prompt, self.clips = "bench", PROMPT, clips
-        self.x = [f.numpy().astype(np.float16) for w, _ in clips for f in encode(encoder, [w])]
-
-    def __len__(self):
-        return len(self.clips)
-
-    def key(self, i):
-        return f"bench/{i:05d}"
-
-    def features(self, i):
-        return self.x[i]
-
-    def targets(self, i):
-        return (self.clips[i][1],)
+def cached_features(encoder, clips) -> ArrayDataset:
+    """Features extracted once, outside the timing: what the feature store hands the engine."""
+    arrays = [f.numpy().astype(np.float16) for w, _ in clips for f in encode(encoder, [w])]
+    return ArrayDataset("bench", PROMPT, arrays, [(text,) for _, text in clips])
 
 
 # --- the reference behaviour ---------------------------------------------------------------------
@@ -160,9 +147,9 @@ def engine_generate(model, dataset, precision: str, threads: int, batch_size: in
 def bench_decoder(name: str, decoder: Path, args, work: Path) -> list[tuple[str, str, float, float, str]]:
     encoder = LogMelEncoder().eval()
     clips = make_clips(max(args.train_clips, args.gen_samples), seed=0)
-    dataset = CachedFeatures(encoder, clips)
+    dataset = cached_features(encoder, clips)
     gen_clips = clips[: args.gen_samples]
-    gen_set = CachedFeatures(encoder, gen_clips)
+    gen_set = cached_features(encoder, gen_clips)
     rows = []
 
     def model(dtype="float32"):

@@ -461,6 +461,33 @@ class FeatureStore:
         return StoredFeatureDataset(self, prompt=prompt, task=task)
 
 
+@dataclass
+class ArrayDataset:
+    """A `FeatureDataset` held in memory, for features computed elsewhere (tests, benchmarks, notebooks)."""
+
+    task: str
+    prompt: str
+    arrays: list[np.ndarray]  # one [T, D] array per clip
+    labels: list[tuple[str, ...]]  # the clip's reference texts
+    keys: list[str] | None = None  # sample ids; default "<task>/<index>"
+
+    def __post_init__(self):
+        if len(self.arrays) != len(self.labels) or (self.keys is not None and len(self.keys) != len(self.arrays)):
+            raise ValueError("arrays, labels and keys must have one entry per clip")
+
+    def __len__(self) -> int:
+        return len(self.arrays)
+
+    def key(self, i: int) -> str:
+        return self.keys[i] if self.keys is not None else f"{self.task}/{i:05d}"
+
+    def features(self, i: int) -> np.ndarray:
+        return self.arrays[i]
+
+    def targets(self, i: int) -> tuple[str, ...]:
+        return self.labels[i]
+
+
 class StoredFeatureDataset:
     """`FeatureDataset` over a finished store: clips in data order, features memory-mapped.
 

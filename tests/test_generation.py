@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from evaluator.errors import ConfigError, DataError
+from evaluator.features import ArrayDataset
 from evaluator.generation import DecodingOptions, Prediction, generate
 from evaluator.model import ModelConfig, build_model
 from evaluator.smoke_decoder import build_smoke_decoder
@@ -15,23 +16,10 @@ D = 8
 TEXTS = ["a dog barks", "rain falls on the roof", "a cat meows", "the bell rings twice"]
 
 
-class Items:
-    def __init__(self, frames, seed=0):
-        rng = np.random.default_rng(seed)
-        self.task, self.prompt = "toy", "Describe the sound."
-        self.x = [rng.normal(0, 1, (t, D)).astype(np.float16) for t in frames]
-
-    def __len__(self):
-        return len(self.x)
-
-    def key(self, i):
-        return f"shard-0/{i:03d}"
-
-    def features(self, i):
-        return self.x[i]
-
-    def targets(self, i):
-        return ("unused",)
+def Items(frames, seed=0) -> ArrayDataset:  # noqa: N802 - reads like the dataset it builds
+    rng = np.random.default_rng(seed)
+    arrays = [rng.normal(0, 1, (t, D)).astype(np.float16) for t in frames]
+    return ArrayDataset("toy", "Describe the sound.", arrays, [("unused",)] * len(arrays))
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +60,8 @@ class TestGenerate:
         assert all(isinstance(p, Prediction) and p.text == p.text.strip() for p in preds)
         # each prediction is that item's own answer: decoding it alone gives the same text
         for i in (0, 3, 6):
-            one = Items([len(items.x[i])])
-            one.x = [items.x[i]]
+            one = Items([len(items.arrays[i])])
+            one.arrays = [items.arrays[i]]
             alone = generate(lm_model, one, DecodingOptions(batch_size=1, max_new_tokens=12), progress=False)
             assert alone[0].text == preds[i].text
 
@@ -118,7 +106,7 @@ class TestGenerate:
 
     def test_bad_features(self, lm_model):
         items = Items([3, 4])
-        items.x[1] = items.x[1][:, :3]
+        items.arrays[1] = items.arrays[1][:, :3]
         with pytest.raises(DataError, match="shape"):
             generate(lm_model, items, DecodingOptions(max_new_tokens=5), progress=False)
 

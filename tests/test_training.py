@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from evaluator.errors import ConfigError, DataError
+from evaluator.features import ArrayDataset
 from evaluator.generation import DecodingOptions, generate
 from evaluator.model import ModelConfig, build_model
 from evaluator.smoke_decoder import build_smoke_decoder
@@ -17,27 +18,15 @@ D = 16
 CLASSES = ("a dog barks", "rain falls on the roof", "a cat meows")
 
 
-class ToyTask:
+class ToyTask(ArrayDataset):
     """Features carry the class id (one-hot * 3) under unit noise; the target is the class text."""
 
     def __init__(self, n: int, seed: int, task: str = "toy", prompt: str = "Classify the sound."):
         rng = np.random.default_rng(seed)
-        self.task, self.prompt = task, prompt
         self.y = rng.integers(0, 3, n)
-        self.x = [(np.eye(D)[c] * 3 + rng.normal(0, 1, (int(rng.integers(3, 12)), D))).astype(np.float16)
+        arrays = [(np.eye(D)[c] * 3 + rng.normal(0, 1, (int(rng.integers(3, 12)), D))).astype(np.float16)
                   for c in self.y]
-
-    def __len__(self):
-        return len(self.y)
-
-    def key(self, i):
-        return f"{self.task}/{i:04d}"
-
-    def features(self, i):
-        return self.x[i]
-
-    def targets(self, i):
-        return (CLASSES[self.y[i]],)
+        super().__init__(task, prompt, arrays, [(CLASSES[c],) for c in self.y])
 
 
 @pytest.fixture(scope="module")
@@ -108,12 +97,12 @@ class TestSampler:
         with pytest.raises(ConfigError):
             BatchSampler(model, [ToyTask(4, 0)], [0], TrainConfig())
         wrong = ToyTask(8, 0)
-        wrong.x = [x[:, :5] for x in wrong.x]
+        wrong.arrays = [x[:, :5] for x in wrong.arrays]
         with pytest.raises(DataError, match="shape"):
             next(BatchSampler(model, [wrong], [1], TrainConfig(sort_buffer=4)))
         nan = ToyTask(8, 0)
-        nan.x[0][0, 0] = np.nan
-        nan.x = [nan.x[0]] * 8
+        nan.arrays[0][0, 0] = np.nan
+        nan.arrays = [nan.arrays[0]] * 8
         with pytest.raises(DataError, match="NaN"):
             next(BatchSampler(model, [nan], [1], TrainConfig(sort_buffer=4)))
 

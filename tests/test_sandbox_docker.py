@@ -61,7 +61,8 @@ def hostile_images(client):
     ids = {}
     try:
         for folder in sorted(p for p in HOSTILE.iterdir() if (p / "Dockerfile").is_file()):
-            image, _ = client.images.build(path=str(folder), tag=f"xares-test/{folder.name}:latest",
+            image, _ = client.images.build(path=str(HOSTILE), dockerfile=f"{folder.name}/Dockerfile",
+                                           tag=f"xares-test/{folder.name}:latest",
                                            buildargs={"BASE_IMAGE": BASE}, rm=True, forcerm=True)
             ids[folder.name] = image.id
         yield ids

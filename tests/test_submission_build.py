@@ -21,6 +21,7 @@ FAST = BuildOptions(probe=ProbeConfig(max_seconds=3.0))
 def copy_encoder(name: str, tmp_path: Path) -> Path:
     folder = tmp_path / name
     shutil.copytree(ENCODERS / name, folder)
+    shutil.copy(ENCODERS / "conv_base.py", folder)  # encoder.py imports its sibling, as participants may
     return folder
 
 

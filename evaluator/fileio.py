@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -17,6 +18,42 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(BLOCK), b""):
             h.update(block)
     return h.hexdigest()
+
+
+class DigestCache:
+    """sha256 of large files that rarely change (a decoder's 540 MB of weights), remembered by
+    (path, size, mtime) in one JSON file, so a run does not re-read them every time.
+
+    A changed file (other size or mtime) is hashed again; an unreadable cache is just a miss.
+    Several processes may share the file: each rewrites it atomically, and a lost update costs one re-hash.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def sha256(self, file: Path) -> str:
+        file = Path(file).resolve()
+        st = file.stat()
+        stamp = [st.st_size, st.st_mtime_ns]
+        entries = self._read()
+        hit = entries.get(str(file))
+        if isinstance(hit, list) and hit[:2] == stamp and isinstance(hit[-1], str):
+            return hit[-1]
+        digest = sha256_file(file)
+        entries = self._read()  # another process may have added entries meanwhile
+        entries[str(file)] = [*stamp, digest]
+        try:
+            atomic_write_text(self.path, json.dumps(entries, sort_keys=True))
+        except OSError:  # a read-only output folder still gets its digest, just not remembered
+            pass
+        return digest
+
+    def _read(self) -> dict:
+        try:
+            entries = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return entries if isinstance(entries, dict) else {}
 
 
 def atomic_write_text(path: Path, text: str, *, durable: bool = False) -> None:

@@ -3,33 +3,43 @@
 XARES-LLM decodes greedily with repetition penalty 1.05 and at most 150 new tokens through the stock
 Hugging Face ``generate``. This module keeps those settings and makes them cheap:
 
-* the LoRA weights are folded into an inference copy of the decoder (no adapter branch per layer);
-* an incremental loop over a KV cache with left padding, which drops a row from the cache as soon as it
-  emits EOS and stops when every row has (the stock loop keeps computing finished rows);
+* the LoRA weights are folded into the decoder's own weights for as long as a `Generator` is open (one
+  per run, not per task), and put back exactly afterwards from a host copy: no second decoder in memory;
+* on a CPU, an incremental loop over a growing KV cache with left padding, which drops a row from the
+  cache as soon as it emits EOS and stops when every row has (the stock loop keeps computing finished rows);
+* on a GPU, large batches over a static KV cache whose decode step is captured once as a CUDA graph and
+  replayed for every token (a batch-4 step is all kernel launches otherwise), checking for EOS every few
+  steps instead of synchronising at each one;
 * length-sorted batches inside a bounded buffer, predictions returned in dataset order with their keys.
 
 ``engine="hf"`` runs the stock ``generate`` instead (same settings), to cross-check and to benchmark::
 
-    preds = generate(model, test_set, DecodingOptions(batch_size=32))
+    with Generator(model, DecodingOptions()) as gen:
+        for task in tasks:
+            preds = gen.generate(task)
+    preds = generate(model, test_set)              # the same, for one dataset
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from evaluator import compute
+from evaluator.compute import COMPILE_MODES
 from evaluator.errors import ConfigError, DataError
 from evaluator.model import AudioLLM, Batch
 
 logger = logging.getLogger(__name__)
 
-ENGINES = ("kv", "hf")
+ENGINES = ("auto", "kv", "static", "hf")
 PRECISIONS = ("fp32", "bf16")
+CPU_BATCH, GPU_BATCH = 32, 256  # rows decoded together by default
+EOS_CHECK_EVERY = 8  # static engine: decode steps between host checks for "every row has finished"
 
 
 @dataclass(frozen=True)
@@ -40,13 +50,15 @@ class DecodingOptions:
     temperature: float = 0.0  # sampling temperature; must stay 0 when greedy
     repetition_penalty: float = 1.05  # over the tokens generated so far (HF semantics); 1.0 = off
     max_new_tokens: int = 150
-    batch_size: int = 32  # rows decoded together; does not change greedy results beyond float noise
+    batch_size: int | None = None  # rows decoded together; None: 32 on a CPU, 256 on a GPU (no effect on greedy answers)
     sort_batches: int = 16  # batches per length-sorted buffer (bounds memory, cuts padding)
-    engine: str = "kv"  # kv: our cached loop | hf: stock transformers generate (the reference's loop)
-    merge_lora: bool = True  # fold LoRA into an inference copy of the decoder
-    precision: str = "fp32"  # fp32 | bf16 (inference copy in bfloat16: faster on CPUs with bf16 units)
+    engine: str = "auto"  # auto (kv on a CPU, static on a GPU) | kv | static | hf (stock transformers generate)
+    compile: str = "auto"  # static engine: capture the decode step as a graph: auto (CUDA only) | on | off
+    compile_backend: str | None = None  # None: by device (compute.compiled); tests: aot_eager
+    merge_lora: bool = True  # fold LoRA into the decoder's weights while decoding
+    precision: str = "fp32"  # fp32 | bf16 (the decoder is cast to bfloat16 while decoding)
     seed: int = 0  # sampling only
-    threads: int | None = None  # torch CPU threads while decoding; None: leave as is
+    threads: int | None = None  # torch CPU threads while decoding; None: the cores this process may use
 
     def __post_init__(self):
         problems = []
@@ -56,14 +68,16 @@ class DecodingOptions:
             problems.append("sampling (greedy=False) needs temperature > 0")
         if self.repetition_penalty <= 0:
             problems.append(f"repetition_penalty must be > 0 (got {self.repetition_penalty})")
-        if self.max_new_tokens < 1 or self.batch_size < 1 or self.sort_batches < 1:
+        if self.max_new_tokens < 1 or (self.batch_size is not None and self.batch_size < 1) or self.sort_batches < 1:
             problems.append("max_new_tokens, batch_size and sort_batches must be >= 1")
         if self.engine not in ENGINES:
             problems.append(f"engine must be one of {ENGINES} (got {self.engine!r})")
+        if self.compile not in COMPILE_MODES:
+            problems.append(f"compile must be one of {COMPILE_MODES} (got {self.compile!r})")
         if self.precision not in PRECISIONS:
             problems.append(f"precision must be one of {PRECISIONS} (got {self.precision!r})")
         if self.precision == "bf16" and not self.merge_lora:
-            problems.append("precision='bf16' casts the merged inference copy; it needs merge_lora=True")
+            problems.append("precision='bf16' casts the merged decoder; it needs merge_lora=True")
         if self.threads is not None and self.threads < 1:
             problems.append(f"threads must be >= 1 or None (got {self.threads})")
         if problems:
@@ -76,11 +90,131 @@ class Prediction:
     text: str  # decoded with special tokens skipped, stripped
 
 
+class Generator:
+    """The model set up for decoding (eval mode, LoRA merged, threads, graphs) for as long as it is open.
+
+    Open one per run and decode every task through it: setting up and restoring cost a pass over the
+    weights, and captured graphs are reused from task to task.
+    """
+
+    def __init__(self, model: AudioLLM, options: DecodingOptions = DecodingOptions()):
+        self.model, self.options = model, options
+        self.device = model.projector.weight.device
+        engine = options.engine
+        if engine == "auto":
+            engine = "static" if self.device.type == "cuda" else "kv"
+        self.engine = engine
+        self.batch_size = options.batch_size or (GPU_BATCH if self.device.type == "cuda" else CPU_BATCH)
+        self._stack = contextlib.ExitStack()
+        self._steps: dict[tuple, object] = {}  # static engine: (batch, cache length) -> (cache, step function)
+        self.decoder = None
+
+    def __enter__(self) -> Generator:
+        self._stack.enter_context(compute.execution(self.device, deterministic=False, threads=self.options.threads))
+        self._stack.enter_context(_eval_mode(self.model))
+        self._stack.enter_context(compute.graph_cache())
+        self.decoder = self._stack.enter_context(_prepared_decoder(self.model, self.options))
+        self._stack.enter_context(torch.inference_mode())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._steps.clear()
+        self._stack.close()
+
+    def generate(self, dataset, progress: bool = True) -> list[Prediction]:
+        """Decode one answer per item of ``dataset``.
+
+        Args:
+            dataset: a FeatureDataset (task, prompt, len, key(i), features(i), targets(i)).
+            progress: show a progress bar.
+
+        Returns:
+            One Prediction per item, in dataset order.
+
+        Raises:
+            DataError: an item's features have the wrong shape or non-finite values.
+        """
+        if self.decoder is None:
+            raise RuntimeError("Generator.generate outside its `with` block")
+        model, n = self.model, len(dataset)
+        texts: list[str | None] = [None] * n
+        prompt = model.prompt_ids(dataset.prompt)
+        buffer = self.batch_size * self.options.sort_batches
+        with _progress_bar(progress, n, dataset.task) as tick:
+            for start in range(0, n, buffer):
+                idx = list(range(start, min(n, start + buffer)))
+                feats = {i: _features(model, dataset, i) for i in idx}
+                idx.sort(key=lambda i: -feats[i].shape[0])  # longest first: the slowest batch shows early
+                for b in range(0, len(idx), self.batch_size):
+                    rows = idx[b : b + self.batch_size]
+                    batch = Batch(features=[feats[i] for i in rows], prompt_ids=[prompt] * len(rows))
+                    for i, ids in zip(rows, self._decode(batch)):
+                        texts[i] = model.decode(ids)
+                    tick(len(rows))
+        return [Prediction(key=dataset.key(i), text=t) for i, t in enumerate(texts)]
+
+    def _decode(self, batch: Batch) -> list[list[int]]:
+        model, options, decoder = self.model, self.options, self.decoder
+        if self.engine == "static":
+            return self._decode_static(batch)
+        x = model.embed(batch, padding_side="left")
+        embeds = x.inputs_embeds.to(decoder.get_input_embeddings().weight.dtype)
+        if self.engine == "hf":
+            out = decoder.generate(
+                inputs_embeds=embeds, attention_mask=x.attention_mask, max_new_tokens=options.max_new_tokens,
+                do_sample=not options.greedy, temperature=options.temperature if not options.greedy else None,
+                top_k=None, top_p=None, repetition_penalty=options.repetition_penalty,
+                eos_token_id=model.eos_token_id, pad_token_id=model.pad_token_id,
+            )
+            return [_until_eos(row.tolist(), model.eos_token_id) for row in out]
+        return _decode_kv(decoder, embeds, x.attention_mask, x.position_ids, options, model.eos_token_id)
+
+    def _decode_static(self, batch: Batch) -> list[list[int]]:
+        """Fixed shapes from end to end: the batch is filled up to `batch_size` rows (copies of its first,
+        whose answers are dropped), the prompt is left-padded to a length bucket, the cache holds the
+        bucket plus max_new_tokens, and finished rows keep decoding (masked) until all have finished."""
+        model, options = self.model, self.options
+        real = len(batch.features)
+        fill = self.batch_size - real
+        padded = Batch(features=batch.features + [batch.features[0]] * fill,
+                       prompt_ids=batch.prompt_ids + [batch.prompt_ids[0]] * fill)
+        collated = model.collate(padded, "left", bucket=True)
+        x = model.inputs(collated)
+        embeds = x.inputs_embeds.to(self.decoder.get_input_embeddings().weight.dtype)
+        prompt_len = embeds.shape[1]
+        cache, step = self._static_step(self.batch_size, prompt_len + options.max_new_tokens)
+        ids = _decode_static(self.decoder, cache, step, embeds, x.attention_mask, x.position_ids, options,
+                             model.eos_token_id)
+        return ids[:real]
+
+    def _static_step(self, batch: int, length: int):
+        """One static cache and one (captured) decode step per shape, reused across batches and tasks."""
+        from transformers import StaticCache
+
+        key = (batch, length)
+        if key not in self._steps:
+            self._steps.clear()  # one shape at a time: a cache for 256 rows can hold gigabytes
+            cache = StaticCache(config=self.decoder.config, max_cache_len=length)
+            decoder = self.decoder
+
+            def step(token, position, cache_position, mask):
+                out = decoder(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None],
+                              past_key_values=cache, cache_position=cache_position, use_cache=True)
+                return out.logits[:, -1, :].float()
+
+            if compute.use_compile(self.options.compile, self.device):
+                exact = self.options.precision == "fp32"
+                fast = compute.compiled(step, device=self.device, exact=exact, backend=self.options.compile_backend)
+                step = compute.Fallback(fast, step, "generation")
+            self._steps[key] = (cache, step)
+        return self._steps[key]
+
+
 def generate(model: AudioLLM, dataset, options: DecodingOptions = DecodingOptions(), progress: bool = True) -> list[Prediction]:
-    """Decode one answer per item of ``dataset``.
+    """Decode one answer per item of ``dataset`` (a one-dataset `Generator`).
 
     Args:
-        model: trained `AudioLLM` (left unchanged).
+        model: trained `AudioLLM` (left as it was).
         dataset: a FeatureDataset (task, prompt, len, key(i), features(i), targets(i)).
         options: decoding settings.
         progress: show a progress bar.
@@ -91,22 +225,10 @@ def generate(model: AudioLLM, dataset, options: DecodingOptions = DecodingOption
     Raises:
         DataError: an item's features have the wrong shape or non-finite values.
     """
-    n = len(dataset)
-    texts: list[str | None] = [None] * n
-    prompt = model.prompt_ids(dataset.prompt)
-    buffer = options.batch_size * options.sort_batches
-    with _inference(model, options) as decoder, _progress_bar(progress, n, dataset.task) as tick:
-        for start in range(0, n, buffer):
-            idx = list(range(start, min(n, start + buffer)))
-            feats = {i: _features(model, dataset, i) for i in idx}
-            idx.sort(key=lambda i: -feats[i].shape[0])  # longest first: the slowest batch shows early
-            for b in range(0, len(idx), options.batch_size):
-                rows = idx[b : b + options.batch_size]
-                batch = Batch(features=[feats[i] for i in rows], prompt_ids=[prompt] * len(rows))
-                for i, ids in zip(rows, _decode(model, decoder, batch, options)):
-                    texts[i] = model.decode(ids)
-                tick(len(rows))
-    return [Prediction(key=dataset.key(i), text=t) for i, t in enumerate(texts)]
+    if len(dataset) == 0:
+        return []
+    with Generator(model, options) as gen:
+        return gen.generate(dataset, progress=progress)
 
 
 def _features(model: AudioLLM, dataset, i: int) -> torch.Tensor:
@@ -120,39 +242,42 @@ def _features(model: AudioLLM, dataset, i: int) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _inference(model: AudioLLM, options: DecodingOptions):
-    """Eval mode, no autograd, threads; yields the decoder to run (a merged copy when asked)."""
-    threads = torch.get_num_threads()
+def _eval_mode(model: AudioLLM):
     was_training = model.training
-    if options.threads:
-        torch.set_num_threads(options.threads)
     model.eval()
     try:
-        with torch.inference_mode():
-            if options.merge_lora:
-                decoder = copy.deepcopy(model.decoder).merge_and_unload()  # exact for the model: a copy
-                if options.precision == "bf16":
-                    decoder = decoder.to(torch.bfloat16)
-            else:
-                decoder = model.decoder
-            yield decoder
+        yield
     finally:
-        torch.set_num_threads(threads)
         model.train(was_training)
 
 
-def _decode(model: AudioLLM, decoder, batch: Batch, options: DecodingOptions) -> list[list[int]]:
-    x = model.embed(batch, padding_side="left")
-    embeds = x.inputs_embeds.to(decoder.get_input_embeddings().weight.dtype)
-    if options.engine == "hf":
-        out = decoder.generate(
-            inputs_embeds=embeds, attention_mask=x.attention_mask, max_new_tokens=options.max_new_tokens,
-            do_sample=not options.greedy, temperature=options.temperature if not options.greedy else None,
-            top_k=None, top_p=None, repetition_penalty=options.repetition_penalty,
-            eos_token_id=model.eos_token_id, pad_token_id=model.pad_token_id,
-        )
-        return [_until_eos(row.tolist(), model.eos_token_id) for row in out]
-    return _decode_kv(decoder, embeds, x.attention_mask, x.position_ids, options, model.eos_token_id)
+@contextlib.contextmanager
+def _prepared_decoder(model: AudioLLM, options: DecodingOptions):
+    """The decoder to run: LoRA merged into its weights (and cast to bf16) in place, restored exactly after.
+
+    Merging and casting in place avoids a second copy of the decoder on the device; a host copy of the
+    weights puts back the very same bits afterwards (un-merging by subtraction would leave rounding).
+    """
+    decoder = model.decoder
+    if not options.merge_lora:
+        yield decoder
+        return
+    params = dict(decoder.named_parameters())
+    with torch.no_grad():
+        backup = {name: p.detach().to("cpu", copy=True) for name, p in params.items()}
+        dtypes = {name: p.dtype for name, p in params.items()}
+        decoder.merge_adapter()
+        if options.precision == "bf16":
+            decoder.to(torch.bfloat16)
+    try:
+        yield decoder
+    finally:
+        with torch.no_grad():
+            decoder.unmerge_adapter()  # resets peft's merged flags; the weights come from the backup
+            for name, p in decoder.named_parameters():
+                if p.dtype != dtypes[name]:
+                    p.data = p.data.to(dtypes[name])
+                p.copy_(backup[name])
 
 
 def _until_eos(ids: list[int], eos: int) -> list[int]:
@@ -200,6 +325,43 @@ def _decode_kv(decoder, embeds, mask, positions, options: DecodingOptions, eos: 
                       past_key_values=cache, use_cache=True)
         next_pos = next_pos + 1
     return out_ids
+
+
+def _decode_static(decoder, cache, step, embeds, mask, positions, options: DecodingOptions, eos: int) -> list[list[int]]:
+    """Greedy/sampled decoding over a static cache: every tensor keeps its shape from the first token to the
+    last, so ``step`` can be a replayed graph. Same tokens as `_decode_kv` (tested)."""
+    n, prompt_len, device = embeds.shape[0], embeds.shape[1], embeds.device
+    length = prompt_len + options.max_new_tokens
+    cache.reset()
+    full_mask = torch.zeros(n, length, dtype=mask.dtype, device=device)
+    full_mask[:, :prompt_len] = mask
+    out = decoder(inputs_embeds=embeds, attention_mask=full_mask[:, :prompt_len], position_ids=positions,
+                  past_key_values=cache, cache_position=torch.arange(prompt_len, device=device), use_cache=True,
+                  logits_to_keep=1)
+    logits = out.logits[:, -1, :].float()
+    seen = torch.zeros_like(logits, dtype=torch.bool)  # [b, V] tokens generated so far, for the penalty
+    tokens = torch.full((n, options.max_new_tokens), eos, dtype=torch.long, device=device)
+    finished = torch.zeros(n, dtype=torch.bool, device=device)
+    next_pos = positions[:, -1] + 1
+    gen = torch.Generator(device=device).manual_seed(options.seed) if not options.greedy else None
+    for t in range(options.max_new_tokens):
+        if options.repetition_penalty != 1.0 and t:
+            penalised = torch.where(logits < 0, logits * options.repetition_penalty, logits / options.repetition_penalty)
+            logits = torch.where(seen, penalised, logits)
+        if options.greedy:
+            token = logits.argmax(-1)  # [b]
+        else:
+            token = torch.multinomial(torch.softmax(logits / options.temperature, dim=-1), 1, generator=gen).squeeze(1)
+        token = torch.where(finished, eos, token)
+        tokens[:, t] = token
+        finished |= token == eos
+        if t + 1 == options.max_new_tokens or ((t + 1) % EOS_CHECK_EVERY == 0 and bool(finished.all())):
+            break
+        seen.scatter_(1, token[:, None], True)
+        full_mask[:, prompt_len + t] = 1
+        logits = step(token, next_pos, torch.tensor([prompt_len + t], device=device), full_mask)
+        next_pos = next_pos + 1
+    return [_until_eos(row, eos) for row in tokens.tolist()]
 
 
 @contextlib.contextmanager

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
+
+from evaluator.errors import ModelError, first_line
 
 HF_TIMEOUT_S = 10.0  # per request; a host that drops packets must not hang the run
 
@@ -36,3 +39,55 @@ def hub_unreachable() -> str | None:
             return None
     except OSError as e:
         return f"{endpoint} is unreachable ({e.strerror or type(e).__name__})"
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def decoder_source(name_or_path: str) -> tuple[str, bool, str]:
+    """(what to pass to from_pretrained, local files only?, the hint a ModelError should give).
+
+    Raises:
+        ModelError: a path that is not a directory, or a hub name neither cached nor reachable.
+    """
+    path = Path(name_or_path).expanduser()
+    looks_like_path = name_or_path.startswith((".", "/", "~")) or path.exists()
+    if looks_like_path and not path.is_dir():
+        raise ModelError(f"decoder directory {name_or_path} does not exist; pass a directory written by "
+                         "save_pretrained or a hub name such as HuggingFaceTB/SmolLM2-135M")
+    if looks_like_path:
+        return str(path), True, "check that it holds config.json, weights and tokenizer files"
+    hint = (f"download it once on a connected machine (`hf download {name_or_path}`, the cache is "
+            f"{os.environ.get('HF_HOME', '~/.cache/huggingface')}) or pass --decoder PATH to a local copy")
+    if _offline() or _in_local_cache(name_or_path):
+        return name_or_path, True, hint  # never touch the network for what is already here
+    unreachable = hub_unreachable()
+    if unreachable:
+        raise ModelError(f"decoder {name_or_path!r} is not in the local Hugging Face cache and {unreachable}; "
+                         f"{hint}")
+    return name_or_path, False, hint
+
+
+def _in_local_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # not a valid repo id
+        return False
+
+
+def check_decoder(name_or_path: str) -> None:
+    """Fail fast, before hours of extraction, when the decoder cannot be found (reads its config only).
+
+    Raises:
+        ModelError: not found or not a transformers model, with how to provide it.
+    """
+    from transformers import AutoConfig
+
+    source, local_only, hint = decoder_source(name_or_path)
+    try:
+        AutoConfig.from_pretrained(source, local_files_only=local_only)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot find decoder {name_or_path!r}: {first_line(e)}; {hint}") from e

@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from evaluator.errors import ModelError, first_line
-from evaluator.hub import hub_unreachable
+from evaluator.hub import check_decoder, decoder_source  # noqa: F401 - check_decoder is public here too
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +93,50 @@ class Inputs:
     labels: torch.Tensor | None  # [B, L] long, IGNORE_INDEX except on targets
 
 
+# Packed lengths are padded up to one of these when shapes must repeat (graph capture on a GPU): at most a
+# third of a batch is padding, and a whole track runs through about a dozen shapes.
+LENGTH_BUCKETS = (64, 128, 192, 256, 320, 384, 512, 640, 768, 1024, 1280, 1536, 2048)
+LONG_BUCKET = 512  # beyond the table, multiples of this
+
+
+def bucket_length(n: int) -> int:
+    for b in LENGTH_BUCKETS:
+        if n <= b:
+            return b
+    return -(-n // LONG_BUCKET) * LONG_BUCKET
+
+
+def bucket_count(n: int) -> int:
+    """Target tokens per batch, padded to a multiple of 16 (with ignored entries)."""
+    return max(16, -(-n // 16) * 16)
+
+
+@dataclass
+class Collated:
+    """A batch laid out on the host (see `AudioLLM.collate`); `to` moves it in a few copies."""
+
+    features: torch.Tensor  # [B, Tf, D] float32, zeros past each clip's frames
+    text_ids: torch.Tensor  # [B, Lt] long: prompt (+ target + EOS), pad token after
+    gather: torch.Tensor  # [B, L] long: each packed position's row in [audio | text | zero]
+    attention_mask: torch.Tensor  # [B, L] long, 1 = real
+    position_ids: torch.Tensor  # [B, L] long, contiguous over the real positions of each row
+    labels: torch.Tensor | None = None  # [B, L] long (training), IGNORE_INDEX except on targets
+    target_pos: torch.Tensor | None = None  # [N] flat index b * L + p of positions that predict a target
+    target_ids: torch.Tensor | None = None  # [N] the token each predicts (IGNORE_INDEX on bucket padding)
+
+    def _map(self, fn) -> Collated:
+        return Collated(**{k: (fn(v) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()})
+
+    def pin(self) -> Collated:
+        """Page-locked copies, so the copy to the GPU runs asynchronously while it computes."""
+        return self._map(lambda t: t.pin_memory())
+
+    def to(self, device: torch.device) -> Collated:
+        if self.features.device == device:
+            return self
+        return self._map(lambda t: t.to(device, non_blocking=True))
+
+
 class AudioLLM(nn.Module):
     """Projector + LoRA decoder. Build it with `build_model` or `load_model`."""
 
@@ -131,70 +175,97 @@ class AudioLLM(nn.Module):
     def trainable_names(self) -> list[str]:
         return [n for n, p in self.named_parameters() if p.requires_grad]
 
-    def embed(self, batch: Batch, padding_side: str = "right") -> Inputs:
-        """Project audio, embed text, pack each row and pad the batch on ``padding_side``."""
+    def collate(self, batch: Batch, padding_side: str = "right", *, bucket: bool = False) -> Collated:
+        """Lay a batch out on the host: padded arrays plus the index maps that pack each row on the device.
+
+        Every per-row loop happens here, in plain tensors, so the device side (`inputs`, `loss`) is a fixed
+        handful of kernels with no host synchronisation. ``bucket`` pads the packed length up to one of
+        `LENGTH_BUCKETS` (and the target count likewise), so shapes repeat and captured graphs are reused;
+        the extra positions are masked padding and change nothing in the real ones.
+        """
         assert padding_side in ("left", "right")
-        device = self.projector.weight.device
         n = len(batch.features)
         assert n == len(batch.prompt_ids) and (batch.target_ids is None or n == len(batch.target_ids))
-        frames = [f.shape[0] for f in batch.features]
-        feats = nn.utils.rnn.pad_sequence([f.to(device, torch.float32) for f in batch.features], batch_first=True)
-        audio = self.projector(feats)  # [B, Tmax, H]
+        frames = [int(f.shape[0]) for f in batch.features]
+        feats = nn.utils.rnn.pad_sequence([f.to(torch.float32) for f in batch.features], batch_first=True)
         texts = [list(p) + list(batch.target_ids[i] if batch.target_ids else []) for i, p in enumerate(batch.prompt_ids)]
-        width = max(len(t) for t in texts)
-        ids = torch.full((n, width), self.pad_token_id, dtype=torch.long, device=device)
+        t_max, l_max = feats.shape[1], max(len(t) for t in texts)
+        ids = torch.full((n, l_max), self.pad_token_id, dtype=torch.long)
         for i, t in enumerate(texts):
             ids[i, : len(t)] = torch.tensor(t, dtype=torch.long)
-        text = self.decoder.get_input_embeddings()(ids)  # [B, Ltext, H]
-        audio = audio.to(text.dtype)
-
         lengths = [frames[i] + len(texts[i]) for i in range(n)]
         total = max(lengths)
-        rows, masks, labels = [], [], []
+        if bucket:
+            total = bucket_length(total)
+        # gather[i, j] indexes the concatenation [audio frames (t_max) | text (l_max) | one zero row]
+        zero_slot = t_max + l_max
+        gather = torch.full((n, total), zero_slot, dtype=torch.long)
+        mask = torch.zeros((n, total), dtype=torch.long)
+        labels = torch.full((n, total), IGNORE_INDEX, dtype=torch.long)
         for i in range(n):
-            pad = total - lengths[i]
-            row = torch.cat([audio[i, : frames[i]], text[i, : len(texts[i])]])  # [T_i + L_i, H]
-            filler = row.new_zeros(pad, row.shape[1])
-            # the audio frame mask goes in front of the text mask
-            mask = torch.cat([torch.ones(frames[i], dtype=torch.long), torch.ones(len(texts[i]), dtype=torch.long)])
-            lab = [IGNORE_INDEX] * (frames[i] + len(batch.prompt_ids[i])) + (
-                list(batch.target_ids[i]) if batch.target_ids else []
-            )
-            lab = torch.tensor(lab, dtype=torch.long)
-            zeros, ignore = torch.zeros(pad, dtype=torch.long), torch.full((pad,), IGNORE_INDEX)
-            if padding_side == "right":
-                rows.append(torch.cat([row, filler]))
-                masks.append(torch.cat([mask, zeros]))
-                labels.append(torch.cat([lab, ignore]))
-            else:
-                rows.append(torch.cat([filler, row]))
-                masks.append(torch.cat([zeros, mask]))
-                labels.append(torch.cat([ignore, lab]))
-        attention_mask = torch.stack(masks).to(device)
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        return Inputs(
-            inputs_embeds=torch.stack(rows),
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            labels=torch.stack(labels).to(device) if batch.target_ids is not None else None,
-        )
+            start = total - lengths[i] if padding_side == "left" else 0
+            row = torch.cat([torch.arange(frames[i]), t_max + torch.arange(len(texts[i]))])
+            gather[i, start : start + lengths[i]] = row
+            mask[i, start : start + lengths[i]] = 1
+            if batch.target_ids:
+                first = start + frames[i] + len(batch.prompt_ids[i])
+                labels[i, first : first + len(batch.target_ids[i])] = torch.tensor(batch.target_ids[i])
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        target_pos = target_ids = None
+        if batch.target_ids is not None:
+            # position p predicts token p + 1: keep the positions whose next label is a target
+            keep = labels[:, 1:] != IGNORE_INDEX
+            rows, cols = keep.nonzero(as_tuple=True)
+            target_pos = rows * total + cols
+            target_ids = labels[:, 1:][keep]
+            if bucket:
+                extra = bucket_count(len(target_pos)) - len(target_pos)
+                target_pos = torch.cat([target_pos, target_pos.new_zeros(extra)])
+                target_ids = torch.cat([target_ids, target_ids.new_full((extra,), IGNORE_INDEX)])
+        return Collated(features=feats, text_ids=ids, gather=gather, attention_mask=mask, position_ids=position_ids,
+                        labels=labels if batch.target_ids is not None else None,
+                        target_pos=target_pos, target_ids=target_ids)
 
-    def forward(self, batch: Batch) -> torch.Tensor:
-        """Mean cross-entropy over the target tokens (+ EOS) of the batch.
+    def inputs(self, c: Collated) -> Inputs:
+        """Project the audio, embed the text and pack both as ``c`` says, on the model's device."""
+        device = self.projector.weight.device
+        c = c.to(device)
+        audio = self.projector(c.features)  # [B, Tf, H]
+        text = self.decoder.get_input_embeddings()(c.text_ids)  # [B, Lt, H]
+        audio = audio.to(text.dtype)
+        n, _, hidden = text.shape
+        both = torch.cat([audio, text, text.new_zeros(n, 1, hidden)], dim=1)  # [B, Tf + Lt + 1, H]
+        embeds = torch.gather(both, 1, c.gather[:, :, None].expand(-1, -1, hidden))  # [B, L, H]
+        return Inputs(inputs_embeds=embeds, attention_mask=c.attention_mask, position_ids=c.position_ids,
+                      labels=c.labels)
+
+    def embed(self, batch: Batch, padding_side: str = "right") -> Inputs:
+        """Project audio, embed text, pack each row and pad the batch on ``padding_side``."""
+        return self.inputs(self.collate(batch, padding_side))
+
+    def body(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """The decoder's transformer layers without the LM head: [B, L, H] -> last hidden states [B, L, H]."""
+        return self.decoder.get_base_model().get_decoder()(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+        ).last_hidden_state
+
+    def loss(self, c: Collated, body=None) -> torch.Tensor:
+        """Mean cross-entropy over the target tokens (+ EOS) of a collated training batch.
 
         The LM head (49152 x 576 for SmolLM2, a fifth of the model's compute) only runs on the positions
         that predict a target token, not on every audio frame; the loss is the same mean over targets.
+        ``body`` replaces `body` (a graph-captured copy of it, in training on a GPU).
         """
-        x = self.embed(batch, padding_side="right")
-        causal_lm = self.decoder.get_base_model()
-        hidden = causal_lm.get_decoder()(
-            inputs_embeds=x.inputs_embeds, attention_mask=x.attention_mask,
-            position_ids=x.position_ids, use_cache=False,
-        ).last_hidden_state  # [B, L, H]
-        targets = x.labels[:, 1:]  # position p predicts token p + 1
-        keep = targets != IGNORE_INDEX  # [B, L-1]
-        logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep])  # [N, V]
-        return nn.functional.cross_entropy(logits.float(), targets[keep])
+        c = c.to(self.projector.weight.device)
+        x = self.inputs(c)
+        hidden = (body or self.body)(x.inputs_embeds, x.attention_mask, x.position_ids)  # [B, L, H]
+        picked = hidden.flatten(0, 1).index_select(0, c.target_pos)  # [N, H]
+        logits = self.decoder.get_base_model().get_output_embeddings()(picked)  # [N, V]
+        return nn.functional.cross_entropy(logits.float(), c.target_ids, ignore_index=IGNORE_INDEX)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """Mean cross-entropy over the target tokens of ``batch`` (see `loss`)."""
+        return self.loss(self.collate(batch, "right"))
 
     # --- checkpoints ---------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:
@@ -248,54 +319,6 @@ def read_trainable(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     return ModelConfig.from_dict(json.loads(meta["model_config"])), tensors
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def _decoder_source(name_or_path: str) -> tuple[str, bool, str]:
-    """(what to pass to from_pretrained, local files only?, the hint a ModelError should give)."""
-    path = Path(name_or_path).expanduser()
-    looks_like_path = name_or_path.startswith((".", "/", "~")) or path.exists()
-    if looks_like_path and not path.is_dir():
-        raise ModelError(f"decoder directory {name_or_path} does not exist; pass a directory written by "
-                         "save_pretrained or a hub name such as HuggingFaceTB/SmolLM2-135M")
-    if looks_like_path:
-        return str(path), True, "check that it holds config.json, weights and tokenizer files"
-    hint = (f"download it once on a connected machine (`hf download {name_or_path}`, the cache is "
-            f"{os.environ.get('HF_HOME', '~/.cache/huggingface')}) or pass --decoder PATH to a local copy")
-    if _offline() or _in_local_cache(name_or_path):
-        return name_or_path, True, hint  # never touch the network for what is already here
-    unreachable = hub_unreachable()
-    if unreachable:
-        raise ModelError(f"decoder {name_or_path!r} is not in the local Hugging Face cache and {unreachable}; "
-                         f"{hint}")
-    return name_or_path, False, hint
-
-
-def _in_local_cache(repo_id: str) -> bool:
-    from huggingface_hub import try_to_load_from_cache
-
-    try:
-        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
-    except ValueError:  # not a valid repo id
-        return False
-
-
-def check_decoder(name_or_path: str) -> None:
-    """Fail fast, before hours of extraction, when the decoder cannot be found (reads its config only).
-
-    Raises:
-        ModelError: not found or not a transformers model, with how to provide it.
-    """
-    from transformers import AutoConfig
-
-    source, local_only, hint = _decoder_source(name_or_path)
-    try:
-        AutoConfig.from_pretrained(source, local_files_only=local_only)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"cannot find decoder {name_or_path!r}: {first_line(e)}; {hint}") from e
-
-
 def load_decoder(name_or_path: str, dtype: str = "float32"):
     """Load a causal LM and its tokenizer by hub name (local cache) or directory.
 
@@ -307,7 +330,7 @@ def load_decoder(name_or_path: str, dtype: str = "float32"):
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source, local_only, hint = _decoder_source(name_or_path)
+    source, local_only, hint = decoder_source(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
         decoder = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], local_files_only=local_only)

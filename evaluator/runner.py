@@ -30,7 +30,7 @@ from evaluator.data import SkipReport, TaskSpec, TrackSpec, clips_by_key, get_tr
 from evaluator.errors import DataError, SubmissionError, XaresError, first_line
 from evaluator.extraction import ExtractionConfig, extract, sample_keys, spot_check
 from evaluator.features import FeatureStore, StoreKey
-from evaluator.fileio import atomic_write_text, sha256_file
+from evaluator.fileio import DigestCache, atomic_write_text
 from evaluator.sandbox import Limits, open_runtime
 from evaluator.sandbox.base import Runtime
 from evaluator.submission.archive import unpacked
@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 RUN_FORMAT = 1  # bump when the layout or the meaning of a stage's output changes
 PREDICTIONS_DIR = "predictions"
+DIGEST_CACHE = ".cache/sha256.json"  # under --out: digests of decoder files by (path, size, mtime)
 SPOT_CHECK_MIN_CLIPS = 4  # re-extract at least this many clips, however small the share
 
 
@@ -52,6 +53,8 @@ class RunOptions:
     decoder: str | None = None  # name or path; None: the track's decoder_model_name (SmolLM2-135M)
     max_steps: int | None = None  # None: the track's max_steps
     precision: str = "fp32"  # fp32 (deterministic, the protocol) | bf16 (fast mode)
+    device: str = "auto"  # where the decoder trains and generates: auto | cpu | cuda | cuda:N
+    compile: str = "auto"  # graph capture of the decoder: auto (on CUDA) | on | off; never changes the keys
     seed: int | None = None  # None: the track's seed (42)
     machine: str = field(default_factory=platform.node)  # recorded in results.json
     feature_dtype: str = "float16"  # storage dtype of the features
@@ -62,8 +65,8 @@ class RunOptions:
     data_home: Path | None = None
     hidden_config: Path | None = None
     download: bool = True  # fetch missing HF shards (never with HF_HUB_OFFLINE=1)
-    threads: int | None = None  # torch CPU threads; None: all cores
-    eval_batch_size: int | None = None  # None: the generation engine's default (32); answers do not depend on it
+    threads: int | None = None  # torch CPU threads; None: the cores this process may use (affinity, cgroup)
+    eval_batch_size: int | None = None  # None: the engine's default (32 on a CPU, 256 on a GPU); answers do not depend on it
     max_new_tokens: int = 150
     checkpoint_every: int = 500  # training steps between checkpoints
     limit_clips: int | None = None  # at most this many clips per task split (smoke runs); keyed
@@ -105,15 +108,18 @@ def run_submission(archive: Path, track: TrackSpec, opts: RunOptions, *, echo: E
         raise DataError(f"track {track.name} has no evaluation task (no test shards with a metric)")
     if not train_track.train_tasks:
         raise DataError(f"track {train_track.name} has no training task to train its decoder on")
-    from evaluator.model import check_decoder
-
     archive = Path(archive)
     echo(f"Checking {archive.name}")
     with unpacked(archive) as sub:
         root, manifest, sub_sha = sub.root, sub.manifest, sub.sha256
         echo(f"  - {manifest.name} ({manifest.team}): {manifest.kind}, D = {manifest.output_dim}, "
              f"hop {manifest.frame_hop_ms:g} ms, sha256 {sub_sha[:12]}")
-        check_decoder(opts.decoder or train_track.decoder_model_name)  # fail now, not after the extraction
+        # fail now, not after hours of extraction: the decoder must be there and the device usable
+        from evaluator.hub import check_decoder
+
+        check_decoder(opts.decoder or train_track.decoder_model_name)
+        device = _device(opts)
+        echo(f"  - decoder on {device}")
         sub_dir = Path(opts.out) / f"{manifest.name}-{sub_sha[:12]}"
         limits = Limits(memory_mb=opts.memory_mb or manifest.resources.memory_mb, gpu=opts.gpu)
         with _Sandbox(root, manifest, limits, echo) as sandbox:
@@ -123,7 +129,7 @@ def run_submission(archive: Path, track: TrackSpec, opts: RunOptions, *, echo: E
                                       reasons=probe.reasons)
             echo(f"  - probe: {len(probe.checks)} checks passed on {sandbox.runtime.device} "
                  f"({sandbox.runtime.isolation})")
-            stages = _Stages(sub_sha, manifest, opts, sandbox, echo)
+            stages = _Stages(sub_sha, manifest, opts, sandbox, echo, device)
             if train_track.name != track.name:
                 echo(f"  - {track.name} is scored with the decoder of track {train_track.name}, trained on its data")
             train_stores = stages.extract_split(train_track.train_tasks, "train", required=True)
@@ -141,7 +147,8 @@ def run_submission(archive: Path, track: TrackSpec, opts: RunOptions, *, echo: E
             _write_json(run_dir / "probe.json", probe.to_dict())
             _write_json(run_dir / "config.json", {
                 "run_key": run_key, "submission": {"name": manifest.name, "sha256": sub_sha},
-                "track": track.name, "train_dir": str(train_dir), "options": _jsonable(asdict(opts)),
+                "track": track.name, "train_dir": str(train_dir), "device": device,
+                "options": _jsonable(asdict(opts)),
                 "skipped": {k: v for k, v in stages.skips.items()},
             })
             results = stages.evaluate(track, eval_stores, model, run_dir)
@@ -152,7 +159,8 @@ def run_submission(archive: Path, track: TrackSpec, opts: RunOptions, *, echo: E
         submission=manifest.name, sha256=sub_sha, machine=opts.machine, track=track.name, tasks=results,
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), evaluator_version=__version__,
         run_key=run_key, config={"train_dir": train_dir.name, "decoder": stages.decoder_name(train_track),
-                                 "max_steps": stages.max_steps(train_track), "precision": opts.precision},
+                                 "max_steps": stages.max_steps(train_track), "precision": opts.precision,
+                                 "device": device},
     )
     results_path = run_dir / "results.json"
     _write_json(results_path, document)
@@ -168,6 +176,13 @@ def resolve_track(name: str | None, *, train_config: Path | None = None, eval_co
     if train_config or eval_config:
         return load_xares_yaml(train_config, eval_config, track=name or "custom")
     return get_track(name, hidden_config=hidden_config, data_home=data_home)
+
+
+def _device(opts: RunOptions) -> str:
+    """The decoder's device, checked now; described with its name ('cuda:0 (NVIDIA H200)')."""
+    from evaluator import compute
+
+    return compute.describe(compute.resolve_device(opts.device))
 
 
 def _decoder_track(track: TrackSpec, opts: RunOptions) -> TrackSpec:
@@ -201,11 +216,35 @@ class _Sandbox:
         self._stack.close()
 
 
+class _LazyGenerator:
+    """Opens the generation engine on first use only: a run whose predictions are all cached skips it."""
+
+    def __init__(self, model, options):
+        self.model, self.options = model, options
+        self._stack = contextlib.ExitStack()
+        self._generator = None
+
+    def get(self):
+        if self._generator is None:
+            from evaluator.generation import Generator
+
+            self._generator = self._stack.enter_context(Generator(self.model, self.options))
+        return self._generator
+
+    def __enter__(self) -> _LazyGenerator:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+
 class _Stages:
     """The stages of one run, sharing the submission, the options and the sandbox."""
 
-    def __init__(self, sub_sha: str, manifest: Manifest, opts: RunOptions, sandbox: _Sandbox, echo: Echo):
+    def __init__(self, sub_sha: str, manifest: Manifest, opts: RunOptions, sandbox: _Sandbox, echo: Echo,
+                 device: str):
         self.sub_sha, self.manifest, self.opts, self.sandbox, self.echo = sub_sha, manifest, opts, sandbox, echo
+        self.device = device.split(" ")[0]  # "cuda:0" of "cuda:0 (NVIDIA H200)"
         self.store_root = opts.store_root or Path(opts.out) / "features"
         self.skips: dict[str, dict] = {}  # "<task>/<split>" -> skip counts
         self.errors: dict[str, str] = {}  # eval task id -> why it could not be extracted
@@ -286,14 +325,15 @@ class _Stages:
             batch_size=track.per_device_train_batch_size,
             seed=self.opts.seed if self.opts.seed is not None else track.seed,
             crop_frames=max(1, round(track.crop_audio_length * fps)) if track.crop_audio_length else None,
-            precision=self.opts.precision, threads=self.opts.threads,
+            precision=self.opts.precision, threads=self.opts.threads, device=self.device, compile=self.opts.compile,
             checkpoint_every=min(self.opts.checkpoint_every, self.max_steps(track)),
         )
         mixture = track.mixture()
         tasks = track.train_tasks
         key = _digest({
             "format": RUN_FORMAT, "submission": self.sub_sha, "model": model_cfg.to_dict(),
-            "decoder": _decoder_identity(decoder), "train": train_cfg.identity(),
+            "decoder": _decoder_identity(decoder, DigestCache(Path(self.opts.out) / DIGEST_CACHE)),
+            "train": train_cfg.identity(),
             "tasks": [{**_task_identity(t, stores[t.id]), "prob": mixture[t.id]} for t in tasks],
         })
         train_dir = sub_dir / f"train-{track.name}-{key[:12]}"
@@ -310,7 +350,7 @@ class _Stages:
         tail = result.losses[-min(50, len(result.losses)):]
         if tail:
             self.echo(f"  - final loss {sum(tail) / len(tail):.3f} ({result.seconds:.0f} s)")
-        _write_json(train_dir / "train.json", {"key": key, "model": model_cfg.to_dict(),
+        _write_json(train_dir / "train.json", {"key": key, "model": model_cfg.to_dict(), "device": self.device,
                                                 "train": train_cfg.identity(), "steps": result.steps})
         return train_dir, model
 
@@ -321,36 +361,40 @@ class _Stages:
         self.echo(f"Generating and scoring ({len(track.eval_tasks)} tasks)")
         results = []
         scorer = None
-        for task in track.eval_tasks:
-            try:
-                if task.id in self.errors:
-                    raise DataError(self.errors[task.id])
-                rows = self._predictions(task, stores[task.id], model, run_dir)
-                scorer = scorer or self._caption_scorer(task)
-                value = _score(task, rows, scorer)
-                results.append(TaskResult(task.id, task.hidden, task.metric, value, len(rows)))
-                self.echo(f"  - {task.id}: {task.metric} {100 * value:.1f} ({len(rows)} samples)")
-            except XaresError as e:  # one bad task is reported, the run goes on
-                if isinstance(e, SubmissionError):
-                    raise
-                results.append(TaskResult(task.id, task.hidden, task.metric or "?", 0.0, 0, failed=True,
-                                          error=first_line(e)))
-                self.echo(f"  - {task.id}: FAILED: {e}")
+        with _LazyGenerator(model, self._decoding_options()) as generator:  # one merge of LoRA per run
+            for task in track.eval_tasks:
+                try:
+                    if task.id in self.errors:
+                        raise DataError(self.errors[task.id])
+                    rows = self._predictions(task, stores[task.id], generator, run_dir)
+                    scorer = scorer or self._caption_scorer(task)
+                    value = _score(task, rows, scorer)
+                    results.append(TaskResult(task.id, task.hidden, task.metric, value, len(rows)))
+                    self.echo(f"  - {task.id}: {task.metric} {100 * value:.1f} ({len(rows)} samples)")
+                except XaresError as e:  # one bad task is reported, the run goes on
+                    if isinstance(e, SubmissionError):
+                        raise
+                    results.append(TaskResult(task.id, task.hidden, task.metric or "?", 0.0, 0, failed=True,
+                                              error=first_line(e)))
+                    self.echo(f"  - {task.id}: FAILED: {e}")
         return results
 
-    def _predictions(self, task: TaskSpec, store: FeatureStore, model, run_dir: Path) -> list[dict]:
-        """Predictions of one task with sample ids, in data order; reused when already complete."""
-        from evaluator.generation import DecodingOptions, generate
+    def _decoding_options(self):
+        from evaluator.generation import DecodingOptions
 
+        # The eval YAML's batch_size (4 for many tasks) sized the reference's stock loop; greedy answers do
+        # not depend on it, so our engine keeps its own, larger default unless --eval-batch-size says so.
+        return DecodingOptions(max_new_tokens=self.opts.max_new_tokens, threads=self.opts.threads,
+                               batch_size=self.opts.eval_batch_size, compile=self.opts.compile,
+                               precision=self.opts.precision)
+
+    def _predictions(self, task: TaskSpec, store: FeatureStore, generator: _LazyGenerator, run_dir: Path) -> list[dict]:
+        """Predictions of one task with sample ids, in data order; reused when already complete."""
         path = run_dir / PREDICTIONS_DIR / f"{task.id}.jsonl"
         if path.exists():
             return [json.loads(line) for line in path.read_text().splitlines() if line]
         dataset = store.dataset(prompt=task.prompt, task=task.id)
-        # The eval YAML's batch_size (4 for many tasks) sized the reference's stock loop; greedy answers do
-        # not depend on it, so our KV loop keeps its own, larger default unless --eval-batch-size says so.
-        batch = {"batch_size": self.opts.eval_batch_size} if self.opts.eval_batch_size else {}
-        options = DecodingOptions(max_new_tokens=self.opts.max_new_tokens, threads=self.opts.threads, **batch)
-        predictions = generate(model, dataset, options, progress=self.opts.progress)
+        predictions = generator.get().generate(dataset, progress=self.opts.progress) if len(dataset) else []
         rows = [{"id": p.key, "prediction": p.text, "references": list(dataset.targets(i)), "status": "ok"}
                 for i, p in enumerate(predictions)]
         # clips the encoder failed on stay in the test set, scored as wrong (empty prediction)
@@ -388,14 +432,14 @@ def _task_identity(task: TaskSpec, store: FeatureStore | None) -> dict:
             "metric_args": task.metric_args, "store": store.path.name if store is not None else None}
 
 
-def _decoder_identity(name: str) -> dict:
+def _decoder_identity(name: str, digests: DigestCache) -> dict:
     """What the decoder is: a local folder by the digest of its files, a hub name by its name."""
     folder = Path(name)
     if not folder.is_dir():
         return {"name": name}
     files = sorted(f for f in folder.rglob("*") if f.is_file())
     return {"path": str(folder.resolve()),
-            "files": {str(f.relative_to(folder)): sha256_file(f) for f in files}}
+            "files": {str(f.relative_to(folder)): digests.sha256(f) for f in files}}
 
 
 def _digest(obj) -> str:

@@ -16,7 +16,9 @@ import dataclasses
 import json
 import logging
 import os
+import queue
 import shutil
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -26,8 +28,10 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from evaluator import compute
+from evaluator.compute import COMPILE_MODES
 from evaluator.errors import ConfigError, DataError
-from evaluator.model import AudioLLM, Batch
+from evaluator.model import AudioLLM, Batch, Collated
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +67,10 @@ class TrainConfig:
     seed: int = 42
     # execution (these do not change the result, except precision)
     precision: str = "fp32"  # fp32: deterministic and reproducible | bf16: autocast, faster, not bitwise stable
-    threads: int | None = None  # torch CPU threads; None: all cores
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (auto: the first GPU torch sees, else the CPU)
+    compile: str = "auto"  # graph capture of the decoder: auto (CUDA only) | on | off
+    compile_backend: str | None = None  # None: by device and precision (compute.compiled); tests: aot_eager
+    threads: int | None = None  # torch CPU threads; None: the cores this process may use
     checkpoint_every: int = 200  # steps between checkpoints (one is also written at the end)
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     log_every: int = 100  # steps between loss log lines
@@ -84,6 +91,8 @@ class TrainConfig:
             problems.append(f"precision must be one of {PRECISIONS} (got {self.precision!r})")
         if self.threads is not None and self.threads < 1:
             problems.append(f"threads must be >= 1 or None (got {self.threads})")
+        if self.compile not in COMPILE_MODES:
+            problems.append(f"compile must be one of {COMPILE_MODES} (got {self.compile!r})")
         if self.checkpoint_every < 1 or self.keep_checkpoints < 1 or self.log_every < 1:
             problems.append("checkpoint_every, keep_checkpoints and log_every must be >= 1")
         if problems:
@@ -91,7 +100,7 @@ class TrainConfig:
 
     def identity(self) -> dict:
         """The fields that shape the trained weights (a checkpoint is only resumed when they match)."""
-        skip = {"threads", "checkpoint_every", "keep_checkpoints", "log_every"}
+        skip = {"threads", "device", "compile", "compile_backend", "checkpoint_every", "keep_checkpoints", "log_every"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 
@@ -203,28 +212,15 @@ def _normalise(probs: Sequence[float], n: int) -> np.ndarray:
     return p / p.sum()
 
 
-@contextlib.contextmanager
-def _execution(cfg: TrainConfig):
-    """Threads, determinism and RNG for the run; the caller's settings come back afterwards."""
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
-    torch.use_deterministic_algorithms(cfg.precision == "fp32")
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            yield
-    finally:
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(deterministic)
-
-
-def _make_optimizer(model: AudioLLM, cfg: TrainConfig) -> torch.optim.AdamW:
+def _make_optimizer(model: AudioLLM, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [
         {"params": [p for n, p in params if not n.endswith("bias")], "weight_decay": cfg.weight_decay},
         {"params": [p for n, p in params if n.endswith("bias")], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+    # fused: one kernel for all parameters on a GPU (the same update; tests compare it on the CPU)
+    fused = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8, **fused)
 
 
 def _checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
@@ -236,7 +232,17 @@ def _checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _save_checkpoint(out_dir: Path, step: int, model, optimizer, sampler, losses, cfg: TrainConfig) -> Path:
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def _save_checkpoint(out_dir: Path, step: int, model, optimizer, sampler_state: dict, losses, cfg: TrainConfig) -> Path:
     """Write into a temporary directory, then rename: a kill never leaves a half checkpoint behind."""
     final = out_dir / f"{CHECKPOINT_PREFIX}{step:08d}"
     tmp = out_dir / f".tmp-{final.name}"
@@ -245,9 +251,10 @@ def _save_checkpoint(out_dir: Path, step: int, model, optimizer, sampler, losses
     model.save_trainable(tmp / FINAL_WEIGHTS)
     state = {
         "step": step,
-        "optimizer": optimizer.state_dict(),
+        "optimizer": _to_cpu(optimizer.state_dict()),  # device-independent: resumes on a CPU or a GPU
         "torch_rng": torch.get_rng_state(),
-        "sampler": json.dumps(sampler.state_dict()),
+        **({"cuda_rng": torch.cuda.get_rng_state(device)} if (device := model.projector.weight.device).type == "cuda" else {}),
+        "sampler": json.dumps(sampler_state),
         "losses": torch.tensor(losses, dtype=torch.float64),
         "train_config": json.dumps(cfg.identity(), sort_keys=True),
         "model_config": json.dumps(model.config.to_dict(), sort_keys=True),
@@ -265,13 +272,16 @@ def _resume(out_dir: Path, model, optimizer, sampler, cfg: TrainConfig) -> tuple
     if not found:
         return None
     step, path = found[-1]
-    state = torch.load(path / "state.pt", weights_only=True)
+    state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
     if json.loads(state["train_config"]) != cfg.identity() or json.loads(state["model_config"]) != model.config.to_dict():
         raise ConfigError(f"{path} was written by another training or model config; use a fresh output "
                           "directory (outputs are keyed by their settings) or delete it")
     model.load_trainable(path / FINAL_WEIGHTS)
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
+    device = model.projector.weight.device
+    if device.type == "cuda" and "cuda_rng" in state:  # dropout draws on the GPU's own generator
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
     sampler.load_state_dict(json.loads(state["sampler"]))
     logger.info("resuming training from %s (step %d)", path, step)
     return step, state["losses"].tolist()
@@ -310,46 +320,138 @@ def train(
     out_dir.mkdir(parents=True, exist_ok=True)
     for leftover in out_dir.glob(".tmp-*"):  # a checkpoint interrupted while being written
         shutil.rmtree(leftover, ignore_errors=True)
+    device = compute.resolve_device(cfg.device)
+    model.to(device)
     sampler = BatchSampler(model, datasets, probs, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
-    with _execution(cfg):
-        optimizer = _make_optimizer(model, cfg)
+    deterministic = cfg.precision == "fp32"
+    with compute.execution(device, deterministic=deterministic, threads=cfg.threads, seed=cfg.seed), \
+            compute.graph_cache():
+        optimizer = _make_optimizer(model, cfg, device)
         resumed = _resume(out_dir, model, optimizer, sampler, cfg)
         start, losses = resumed if resumed else (0, [])
         end = cfg.max_steps if stop_at_step is None else min(cfg.max_steps, stop_at_step)
-        device_type = model.projector.weight.device.type
-        autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+        body = None
+        if compute.use_compile(cfg.compile, device):
+            fast = compute.compiled(model.body, device=device, exact=deterministic, backend=cfg.compile_backend)
+            body = compute.Fallback(fast, model.body, "training")
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+        # On a GPU the loss stays on the device and is read back only every log_every steps: a read is a
+        # host synchronisation, and at batch 4 the GPU would idle through each one. A CPU reads every step.
+        read_every = 1 if device.type == "cpu" else cfg.log_every
+        pending: list[torch.Tensor] = []
+        sampler_state = sampler.state_dict()
         model.train()
-        with _progress_bar(progress, start, cfg.max_steps) as (bar, task):
+        with _progress_bar(progress, start, cfg.max_steps) as (bar, task), \
+                _batches(model, sampler, device, bucket=body is not None) as stream:
             for step in range(start, end):
                 lr = learning_rate(step, cfg)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                batch = next(sampler)
+                collated, sampler_state = next(stream)
                 with autocast:
-                    loss = model(batch)
-                if not torch.isfinite(loss):
-                    raise DataError(f"training loss is {loss.item()} at step {step}; check the features for extreme values")
+                    loss = model.loss(collated, body)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                losses.append(loss.item())
+                pending.append(loss.detach())
                 done = step + 1
+                checkpoint = done % cfg.checkpoint_every == 0 or done == cfg.max_steps
+                if checkpoint or done % read_every == 0 or done == end:
+                    losses.extend(_read_losses(pending, first_step=done - len(pending)))
+                    pending.clear()
+                    if bar is not None:
+                        bar.update(task, completed=done, description=f"training  loss {losses[-1]:.3f}")
                 if done % cfg.log_every == 0 or done == cfg.max_steps:
                     recent = losses[-cfg.log_every:]
                     logger.info("step %d/%d  loss %.4f  lr %.2e", done, cfg.max_steps, sum(recent) / len(recent), lr)
-                if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
-                    _save_checkpoint(out_dir, done, model, optimizer, sampler, losses, cfg)
-                if bar is not None:
-                    bar.update(task, completed=done, description=f"training  loss {losses[-1]:.3f}")
+                if checkpoint:
+                    _save_checkpoint(out_dir, done, model, optimizer, sampler_state, losses, cfg)
         model.eval()
+        if body is not None and body.failed:
+            logger.warning("training ran in eager mode: %s", body.failed)
     steps = len(losses)
     weights = out_dir / FINAL_WEIGHTS
     if steps == cfg.max_steps:
         model.save_trainable(weights)
     return TrainResult(steps=steps, losses=losses, weights=weights,
                        resumed_from=resumed[0] if resumed else None, seconds=time.monotonic() - t0)
+
+
+def _read_losses(pending: list[torch.Tensor], first_step: int) -> list[float]:
+    """Bring the losses of the last steps to the host; a non-finite one stops training before any checkpoint."""
+    if not pending:
+        return []
+    values = torch.stack(pending).float().tolist()
+    for i, v in enumerate(values):
+        if not np.isfinite(v):
+            raise DataError(f"training loss is {v} at step {first_step + i}; check the features for extreme values")
+    return values
+
+
+@contextlib.contextmanager
+def _batches(model: AudioLLM, sampler: BatchSampler, device: torch.device, *, bucket: bool):
+    """Collated batches with the sampler state after each, for checkpoints.
+
+    On a GPU a thread draws and collates the next batches into page-locked memory while the device
+    computes; the sampler is deterministic, so running ahead changes nothing but the timing.
+    """
+    def produce() -> tuple[Collated, dict]:
+        collated = model.collate(next(sampler), "right", bucket=bucket)
+        return collated, sampler.state_dict()
+
+    if device.type != "cuda":
+        yield _Calls(produce)
+        return
+    ahead = _Prefetch(lambda: (lambda c, st: (c.pin(), st))(*produce()), depth=4)
+    try:
+        yield ahead
+    finally:
+        ahead.close()
+
+
+class _Calls:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __next__(self):
+        return self.fn()
+
+
+class _Prefetch:
+    """Runs ``fn`` ahead in a thread; its exceptions come out of `__next__` in order."""
+
+    def __init__(self, fn, depth: int):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True, name="batch-prefetch")
+        self._thread.start()
+
+    def _run(self, fn) -> None:
+        while not self._stop.is_set():
+            try:
+                item = (fn(), None)
+            except BaseException as e:  # handed to the consumer, which raises it
+                item = (None, e)
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if item[1] is not None:
+                return
+
+    def __next__(self):
+        value, error = self._queue.get()
+        if error is not None:
+            raise error
+        return value
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
 
 
 @contextlib.contextmanager

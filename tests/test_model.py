@@ -153,7 +153,7 @@ class TestLoading:
         """The real loading path, by name: a hub cache laid out as `hf download` leaves it."""
         import shutil
 
-        from evaluator.model import check_decoder
+        from evaluator.hub import check_decoder
 
         snapshot = tmp_path / "hub" / "models--HuggingFaceTB--SmolLM2-135M" / "snapshots" / "0123abcd"
         shutil.copytree(decoder_dir, snapshot)
@@ -172,7 +172,7 @@ class TestLoading:
     def test_uncached_hub_name_with_no_hub_fails_fast(self, monkeypatch, tmp_path):
         import time
 
-        from evaluator.model import check_decoder
+        from evaluator.hub import check_decoder
 
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
         monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))

@@ -42,7 +42,14 @@ reuses an old checkpoint or score.""",
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("out"), show_default=True,
               help="Output root (features, checkpoints, predictions, results).")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
-              help="fp32 is deterministic (the protocol); bf16 is the fast mode.")
+              help="fp32 is deterministic (the protocol; bit-identical reruns on the same machine); "
+                   "bf16 is the fast mode (bf16 weights and autocast).")
+@click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N",
+              help="Where the decoder trains and generates (auto: the first GPU torch sees, else the CPU). "
+                   "Checkpoints move between devices: a run started on a GPU resumes on a CPU.")
+@click.option("--compile", "compile_mode", type=click.Choice(["auto", "on", "off"]), default="auto",
+              show_default=True,
+              help="Capture the decoder as CUDA graphs (auto: on CUDA only). Same results; off to debug.")
 @click.option("--seed", type=int, default=None, help="Training seed [default: the track's, 42].")
 @click.option("--machine", default=None, help="Machine name written into results.json [default: host name].")
 @click.option("--data-home", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -52,11 +59,12 @@ reuses an old checkpoint or score.""",
 @click.option("--offline", is_flag=True, help="Never download shards; fail listing the missing files.")
 @click.option("--limit-clips", type=click.IntRange(min=1), default=None,
               help="At most N clips per task and split (smoke runs; scores are not comparable).")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch CPU threads [default: all cores].")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Torch CPU threads [default: the cores this process may use (affinity, cgroup quota)].")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=500, show_default=True,
               help="Training steps between checkpoints (a killed run resumes from the last one).")
 @click.option("--eval-batch-size", type=click.IntRange(min=1), default=None,
-              help="Clips decoded together [default: 32]; greedy answers do not depend on it.")
+              help="Clips decoded together [default: 32 on a CPU, 256 on a GPU]; greedy answers do not depend on it.")
 @click.option("--memory-mb", type=click.IntRange(min=64), default=None,
               help="Encoder memory cap in MiB [default: the manifest's resources.memory_mb].")
 @click.option("--gpu/--no-gpu", default=False, show_default=True,
@@ -65,7 +73,8 @@ reuses an old checkpoint or score.""",
               help="Share of one eval task's clips re-extracted and compared with the store (0 = off).")
 @click.option("--quiet", is_flag=True, help="No progress bars (they are off anyway when stdout is not a terminal).")
 def run(submission: Path, track: str | None, train_config: Path | None, eval_config: Path | None,
-        decoder: str | None, max_steps: int | None, out: Path, precision: str, seed: int | None,
+        decoder: str | None, max_steps: int | None, out: Path, precision: str, device: str, compile_mode: str,
+        seed: int | None,
         machine: str | None, data_home: Path | None, hidden_config: Path | None, offline: bool,
         limit_clips: int | None, threads: int | None, checkpoint_every: int, eval_batch_size: int | None, memory_mb: int | None, gpu: bool, spot_check: float,
         quiet: bool) -> None:
@@ -87,6 +96,7 @@ def run(submission: Path, track: str | None, train_config: Path | None, eval_con
     if eval_config and not train_config:
         train_spec = resolve_track(track, data_home=data_home, hidden_config=hidden_config)
     opts = RunOptions(out=out, decoder=decoder, max_steps=max_steps, precision=precision, seed=seed,
+                      device=device, compile=compile_mode,
                       data_home=data_home, hidden_config=hidden_config, download=not offline,
                       limit_clips=limit_clips, threads=threads, checkpoint_every=checkpoint_every, eval_batch_size=eval_batch_size, memory_mb=memory_mb, gpu=gpu, spot_check=spot_check,
                       progress=not quiet and sys.stdout.isatty(), **({"machine": machine} if machine else {}))

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from evaluator.cores import QUIET_OPENMP, usable_cpus
 from evaluator.errors import EnvironmentUnavailable, SandboxError, SubmissionError
 from evaluator.sandbox.base import Limits
 from evaluator.sandbox.onnx_checks import check_model
@@ -131,7 +132,8 @@ class OnnxRuntime:
         check_model(self.root, model_path)
         self._model_rel = model_path.relative_to(self.root).as_posix()
 
-        self._threads = max(1, int(limits.cpus))
+        # no more threads than the cores we may use: oversubscribed pools spin against each other
+        self._threads = max(1, min(int(limits.cpus), usable_cpus()))
         self._providers = ["CPUExecutionProvider"]
         if limits.gpu:
             if not cuda_usable():
@@ -181,6 +183,7 @@ class OnnxRuntime:
             "HOME": "/tmp",
             "LANG": "C.UTF-8",
             "OMP_NUM_THREADS": str(self._threads),
+            **QUIET_OPENMP,
             "PYTHONDONTWRITEBYTECODE": "1",
         }
         for key in ("CUDA_VISIBLE_DEVICES", "LD_LIBRARY_PATH"):

@@ -1,0 +1,45 @@
+"""How many CPU cores this process may really use (no torch here: the ONNX sandbox host asks too).
+
+``os.cpu_count()`` counts the machine's cores, not ours: under taskset, a container's ``--cpus`` or a
+cgroup quota, sizing thread pools from it oversubscribes the cores we have, and OpenMP threads that spin
+while waiting for each other then make a 2-core run slower than a single thread.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+# Idle OpenMP worker threads sleep instead of spinning: set before the OpenMP runtime loads (with torch).
+QUIET_OPENMP = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def usable_cpus(cgroup_root: Path = CGROUP_ROOT) -> int:
+    """Cores of this process's CPU affinity, capped by the cgroup's CPU quota when one is set (at least 1)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    quota = cgroup_cpu_quota(cgroup_root)
+    if quota is not None:
+        cores = min(cores, max(1, math.floor(quota + 0.5)))
+    return max(1, cores)
+
+
+def cgroup_cpu_quota(root: Path = CGROUP_ROOT) -> float | None:
+    """CPUs granted by the cgroup (v2 ``cpu.max``, else v1 ``cfs_quota_us / cfs_period_us``); None: no limit."""
+    try:
+        fields = (root / "cpu.max").read_text().split()
+        if fields and fields[0] != "max":
+            return int(fields[0]) / int(fields[1])
+        return None
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota / period if quota > 0 and period > 0 else None

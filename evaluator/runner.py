@@ -117,8 +117,8 @@ def run_submission(archive: Path, track: TrackSpec, opts: RunOptions, *, echo: E
         # fail now, not after hours of extraction: the decoder must be there and the device usable
         from evaluator.hub import check_decoder
 
-        check_decoder(opts.decoder or train_track.decoder_model_name)
         device = _device(opts)
+        check_decoder(opts.decoder or train_track.decoder_model_name)
         echo(f"  - decoder on {device}")
         sub_dir = Path(opts.out) / f"{manifest.name}-{sub_sha[:12]}"
         limits = Limits(memory_mb=opts.memory_mb or manifest.resources.memory_mb, gpu=opts.gpu)

@@ -391,20 +391,23 @@ def _read_losses(pending: list[torch.Tensor], first_step: int) -> list[float]:
 
 
 @contextlib.contextmanager
-def _batches(model: AudioLLM, sampler: BatchSampler, device: torch.device, *, bucket: bool):
-    """Collated batches with the sampler state after each, for checkpoints.
+def _batches(model: AudioLLM, sampler: BatchSampler, device: torch.device, *, bucket: bool,
+             prefetch: bool | None = None):
+    """Collated batches, each with the sampler state after it (what a checkpoint must hold).
 
-    On a GPU a thread draws and collates the next batches into page-locked memory while the device
-    computes; the sampler is deterministic, so running ahead changes nothing but the timing.
+    On a GPU (``prefetch`` None) a thread draws and collates the next batches into page-locked memory
+    while the device computes; the sampler is deterministic, so running ahead changes only the timing.
     """
+    pin = device.type == "cuda"
+
     def produce() -> tuple[Collated, dict]:
         collated = model.collate(next(sampler), "right", bucket=bucket)
-        return collated, sampler.state_dict()
+        return (collated.pin() if pin else collated), sampler.state_dict()
 
-    if device.type != "cuda":
+    if not (device.type == "cuda" if prefetch is None else prefetch):
         yield _Calls(produce)
         return
-    ahead = _Prefetch(lambda: (lambda c, st: (c.pin(), st))(*produce()), depth=4)
+    ahead = _Prefetch(produce, depth=4)
     try:
         yield ahead
     finally:

@@ -8,7 +8,7 @@ import torch
 
 from evaluator.errors import ConfigError, DataError
 from evaluator.features import ArrayDataset
-from evaluator.generation import DecodingOptions, Prediction, generate
+from evaluator.generation import DecodingOptions, Generator, Prediction, generate
 from evaluator.model import ModelConfig, build_model
 from evaluator.smoke_decoder import build_smoke_decoder
 
@@ -118,3 +118,71 @@ class TestGenerate:
         a = generate(lm_model, Items([3, 4, 5]), o, progress=False)
         b = generate(lm_model, Items([3, 4, 5]), o, progress=False)
         assert a == b
+
+
+@pytest.fixture(scope="module")
+def adapted_model(tmp_path_factory):
+    """Random decoder with non-zero LoRA weights, so that merging them really changes the decoder."""
+    path = build_smoke_decoder(TEXTS, tmp_path_factory.mktemp("adapted"), steps=0, hidden_size=64)
+    model = build_model(ModelConfig(encoder_dim=D, decoder=str(path)))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    return model
+
+
+class TestEngines:
+    """The GPU's static-cache engine (fixed shapes, filled batches, graph-captured step) runs on the CPU
+    too and must produce the very tokens of the KV loop."""
+
+    @pytest.mark.parametrize("batch", [3, 4, 16])
+    def test_static_engine_matches_kv(self, adapted_model, batch):
+        items = Items([4, 30, 2, 5, 17, 9, 1], seed=2)  # 7 clips: the last batch is filled up with copies
+        common = dict(max_new_tokens=24, repetition_penalty=1.3, batch_size=batch)
+        kv = generate(adapted_model, items, DecodingOptions(engine="kv", **common), progress=False)
+        static = generate(adapted_model, items, DecodingOptions(engine="static", **common), progress=False)
+        assert [p.text for p in static] == [p.text for p in kv]
+
+    def test_captured_decode_step_matches_kv(self, lm_model):
+        """fullgraph capture of the decode step (the CUDA graph on a GPU) traces without a break."""
+        items = Items([3, 8, 5, 2], seed=3)
+        kv = generate(lm_model, items, DecodingOptions(engine="kv", max_new_tokens=16), progress=False)
+        with Generator(lm_model, DecodingOptions(engine="static", compile="on", compile_backend="aot_eager",
+                                                 batch_size=4, max_new_tokens=16)) as gen:
+            static = gen.generate(items, progress=False)
+            (_, step), = gen._steps.values()
+        assert step.failed is None
+        assert [p.text for p in static] == [p.text for p in kv]
+
+    def test_cpu_defaults(self, lm_model):
+        gen = Generator(lm_model)
+        assert gen.engine == "kv" and gen.batch_size == 32
+
+    @pytest.mark.parametrize("precision", ["fp32", "bf16"])
+    def test_one_merge_per_run_and_the_decoder_restored_bit_for_bit(self, adapted_model, precision, monkeypatch):
+        before = {k: v.clone() for k, v in adapted_model.decoder.state_dict().items()}
+        merges = []
+        cls = type(adapted_model.decoder.base_model)  # peft forwards merge_adapter to its LoraModel
+        real = cls.merge_adapter
+        monkeypatch.setattr(cls, "merge_adapter", lambda self, *a, **k: (merges.append(1), real(self, *a, **k))[1])
+        tasks = [Items([3, 6], seed=4), Items([5, 2, 7], seed=5)]
+        options = DecodingOptions(max_new_tokens=10, precision=precision)
+        with Generator(adapted_model, options) as gen:
+            assert gen.decoder is adapted_model.decoder  # merged in place: no second decoder
+            together = [gen.generate(t, progress=False) for t in tasks]
+        assert len(merges) == 1
+        after = adapted_model.decoder.state_dict()
+        assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+        assert not any(getattr(m, "merged", False) for m in adapted_model.decoder.modules())
+        alone = [generate(adapted_model, t, options, progress=False) for t in tasks]
+        assert together == alone
+        if precision == "fp32":  # merged weights decode like the adapter branch does
+            unmerged = [generate(adapted_model, t, DecodingOptions(max_new_tokens=10, merge_lora=False),
+                                 progress=False) for t in tasks]
+            assert [[p.text for p in ps] for ps in unmerged] == [[p.text for p in ps] for ps in together]
+
+    def test_generate_outside_the_block_is_a_bug(self, lm_model):
+        with pytest.raises(RuntimeError, match="outside"):
+            Generator(lm_model).generate(Items([3]), progress=False)

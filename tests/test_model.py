@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from evaluator.errors import ModelError
-from evaluator.model import IGNORE_INDEX, Batch, ModelConfig, build_model, load_model
+from evaluator.model import IGNORE_INDEX, Batch, ModelConfig, bucket_length, build_model, load_model
 from evaluator.smoke_decoder import build_smoke_decoder
 
 D = 12
@@ -97,6 +97,40 @@ class TestLayout:
         loss = model(_batch(model))
         loss.backward()
         assert torch.isfinite(loss) and model.projector.weight.grad.abs().sum() > 0
+
+
+    def test_loss_is_the_mean_over_targets_of_the_full_lm_head(self, model):
+        """Our loss runs the LM head on target positions only; the stock way runs it everywhere."""
+        model.eval()
+        batch = _batch(model, frames=(5, 2, 9), texts=("a dog barks", "rain", "a cat meows"))
+        x = model.embed(batch, padding_side="right")
+        with torch.no_grad():
+            logits = model.decoder(inputs_embeds=x.inputs_embeds, attention_mask=x.attention_mask,
+                                   position_ids=x.position_ids).logits[:, :-1]
+            stock = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x.labels[:, 1:].flatten(),
+                                                      ignore_index=IGNORE_INDEX)
+            assert torch.allclose(model(batch), stock, atol=1e-5)
+
+    @pytest.mark.parametrize("frames", [(5, 2), (70, 3, 12, 40)])
+    def test_length_buckets_pad_without_changing_the_loss(self, model, frames):
+        texts = ("a dog barks", "rain", "a cat", "the bell")[: len(frames)]
+        batch = _batch(model, frames=frames, texts=texts)
+        plain, bucketed = model.collate(batch), model.collate(batch, bucket=True)
+        length = plain.gather.shape[1]
+        assert bucketed.gather.shape[1] == bucket_length(length) >= length
+        assert len(bucketed.target_pos) % 16 == 0 and len(bucketed.target_pos) >= len(plain.target_pos)
+        model.eval()  # dropout off: it draws per position, so padding would change its masks
+        grads = []
+        for c in (plain, bucketed):
+            model.zero_grad()
+            loss = model.loss(c)
+            loss.backward()
+            grads.append((loss.detach(), model.projector.weight.grad.clone()))
+        torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-4, atol=1e-6)
+
+    def test_bucket_sizes(self):
+        assert [bucket_length(n) for n in (1, 64, 65, 200, 2048, 2049, 3000)] == [64, 64, 128, 256, 2048, 2560, 3072]
 
 
 def _row_loss(model, batch, row):

@@ -50,6 +50,8 @@ def test_run_writes_schema_valid_results_and_keyed_outputs(world):
     doc = json.loads(outcome.results_path.read_text())
     assert schema_errors(doc, "results") == []
     assert doc["track"] == "demo-a" and doc["machine"] == "test"
+    assert doc["config"]["device"].startswith("cpu") and "cuda" not in doc["config"]["device"]
+    assert json.loads((outcome.run_dir / "config.json").read_text())["device"] == doc["config"]["device"]
     assert sorted(t["task"] for t in doc["tasks"]) == sorted(t.id for t in track.eval_tasks)
     assert all(t["status"] == "ok" and t["n_samples"] == 6 for t in doc["tasks"])
     # predictions carry sample ids and references, in data order
@@ -150,6 +152,17 @@ class TestCli:
             "run", str(root / "submission.tar"), "--track", "demo-a", "--data-home", str(data_home),
             "--decoder", str(tmp_path / "no-decoder"), "--out", str(tmp_path / "out"), "--quiet"])
         assert result.exit_code == 1 and "decoder directory" in result.output
+        assert "Extracting" not in result.output and not (tmp_path / "out").exists()
+
+    @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks a machine without CUDA")
+    def test_a_missing_gpu_stops_the_run_before_any_extraction(self, world, tmp_path):
+        root, data_home, _ = world
+        result = CliRunner().invoke(eval_cli, [
+            "run", str(root / "submission.tar"), "--track", "demo-a", "--data-home", str(data_home),
+            "--decoder", str(root / "decoder"), "--device", "cuda", "--out", str(tmp_path / "out"), "--quiet"])
+        assert result.exit_code == 3, result.output
+        errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and "--device cuda" in errors[0] and "use --device cpu" in errors[0]
         assert "Extracting" not in result.output and not (tmp_path / "out").exists()
 
     def test_run_cli_prints_table(self, world):

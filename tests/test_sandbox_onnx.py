@@ -345,3 +345,16 @@ def test_worker_never_unpickles(tmp_path):
     with pytest.raises(ValueError, match="allow_pickle"):
         onnx_worker.load_array(buf.getvalue())
     assert os.path.exists(onnx_worker.__file__)
+
+
+def test_worker_threads_never_exceed_the_usable_cores(tmp_path):
+    """Limits.cpus above the cores this process may use would oversubscribe them; the worker also gets
+    the quiet OpenMP setting in its environment."""
+    from evaluator.cores import QUIET_OPENMP, usable_cpus
+
+    make_onnx(tmp_path / "model.onnx")
+    with OnnxRuntime(tmp_path, manifest_for(), Limits(cpus=64), sandboxes=["none"]) as rt:
+        assert f"{usable_cpus()} thread(s)" in rt.isolation
+        assert all(rt._env()[k] == v for k, v in QUIET_OPENMP.items())
+    with OnnxRuntime(tmp_path, manifest_for(), Limits(cpus=1), sandboxes=["none"]) as rt:
+        assert "1 thread(s)" in rt.isolation

@@ -155,3 +155,138 @@ class TestTrain:
         predictions = generate(model, test, DecodingOptions(max_new_tokens=20), progress=False)
         accuracy = np.mean([p.text == CLASSES[y] for p, y in zip(predictions, test.y)])
         assert accuracy > 0.8, accuracy  # chance is 1/3
+
+
+def _no_dropout(decoder_dir):
+    """LoRA dropout off: the only randomness left is the initialisation, so paths can be compared."""
+    return build_model(ModelConfig(encoder_dim=D, decoder=str(decoder_dir), lora_dropout=0.0))
+
+
+class TestFastPaths:
+    """The GPU's fast paths (graph capture over length buckets, fused AdamW, batches made ahead in a
+    thread, losses read back every N steps) run on the CPU too, and must give what the plain path gives."""
+
+    def test_captured_bucketed_training_equals_eager(self, decoder_dir, tmp_path):
+        cfg = dict(max_steps=10, **FAST)
+        data = [ToyTask(48, 0)]
+        plain, fast = _no_dropout(decoder_dir), _no_dropout(decoder_dir)
+        a = train(plain, data, [1], TrainConfig(compile="off", **cfg), tmp_path / "plain", progress=False)
+        b = train(fast, data, [1], TrainConfig(compile="on", compile_backend="eager", **cfg), tmp_path / "fast",
+                  progress=False)
+        np.testing.assert_allclose(b.losses, a.losses, rtol=1e-5)
+        sa, sb = plain.trainable_state(), fast.trainable_state()
+        assert all(torch.allclose(sa[k], sb[k], atol=1e-6) for k in sa)
+
+    def test_the_body_traces_as_one_graph(self, decoder_dir):
+        """fullgraph=True: a graph break (a host sync or data-dependent branch) would raise here, which on a
+        GPU would mean no CUDA graph. aot_eager also traces the backward, as the GPU's capture does."""
+        from evaluator import compute
+        from evaluator.model import Batch
+
+        model = _no_dropout(decoder_dir)
+        rng = np.random.default_rng(0)
+        batch = Batch([torch.from_numpy(rng.normal(size=(t, D)).astype(np.float32)) for t in (5, 9, 3, 7)],
+                      [model.prompt_ids("Classify.")] * 4, [model.target_ids(c) for c in CLASSES + ("rain",)])
+        c = model.collate(batch, bucket=True)
+        assert c.gather.shape[1] == 64 and len(c.target_pos) % 16 == 0
+        body = compute.compiled(model.body, device=torch.device("cpu"), exact=True, backend="aot_eager")
+        fb = compute.Fallback(body, model.body, "test")
+        model.train()
+        loss = model.loss(c, fb)
+        loss.backward()
+        assert fb.failed is None and torch.isfinite(loss)
+        plain = model.loss(model.collate(batch))
+        torch.testing.assert_close(loss, plain, rtol=1e-5, atol=1e-6)
+
+    def test_fused_adamw_matches_the_default(self):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(7, 5)), torch.nn.Parameter(torch.randn(5))]
+        twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        opts = [torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.01, **kw) for ps, kw in ((params, {}), (twins, {"fused": True}))]
+        for step in range(20):
+            grads = [torch.randn_like(p) for p in params]
+            for ps, opt in zip((params, twins), opts):
+                for p, g in zip(ps, grads):
+                    p.grad = g.clone()
+                opt.step()
+        assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(params, twins))
+
+    def test_batches_made_ahead_are_the_same_batches(self, decoder_dir):
+        from evaluator.training import _batches
+
+        model = _model(decoder_dir)
+        cfg = TrainConfig(batch_size=4, sort_buffer=16)
+        got = {}
+        for prefetch in (False, True):
+            sampler = BatchSampler(model, [ToyTask(40, 0), ToyTask(40, 1, task="b")], [1, 2], cfg)
+            with _batches(model, sampler, torch.device("cpu"), bucket=False, prefetch=prefetch) as stream:
+                got[prefetch] = [next(stream) for _ in range(12)]
+        for (c1, s1), (c2, s2) in zip(got[False], got[True]):
+            assert s1 == s2 and torch.equal(c1.gather, c2.gather) and torch.equal(c1.features, c2.features)
+            assert torch.equal(c1.target_ids, c2.target_ids)
+
+    def test_errors_made_ahead_come_out_in_order(self):
+        from evaluator.training import _Prefetch
+
+        items = iter([1, 2, 3])
+
+        def produce():
+            value = next(items, None)
+            if value is None:
+                raise DataError("no more")
+            return value
+
+        ahead = _Prefetch(produce, depth=2)
+        try:
+            assert [next(ahead) for _ in range(3)] == [1, 2, 3]
+            with pytest.raises(DataError, match="no more"):
+                next(ahead)
+        finally:
+            ahead.close()
+        assert not ahead._thread.is_alive()
+
+    def test_a_non_finite_loss_stops_before_its_checkpoint(self, decoder_dir, tmp_path, monkeypatch):
+        from evaluator.model import AudioLLM
+
+        real, calls = AudioLLM.loss, []
+
+        def poisoned(self, c, body=None):
+            calls.append(1)
+            loss = real(self, c, body)
+            return loss * float("nan") if len(calls) == 3 else loss
+
+        monkeypatch.setattr(AudioLLM, "loss", poisoned)
+        with pytest.raises(DataError, match="training loss is nan at step 2"):
+            train(_model(decoder_dir), [ToyTask(16, 0)], [1], TrainConfig(max_steps=6, checkpoint_every=1, **FAST),
+                  tmp_path, progress=False)
+        assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-00000001", "checkpoint-00000002"]
+
+    def test_losses_are_read_back_in_blocks(self):
+        from evaluator.training import _read_losses
+
+        assert _read_losses([torch.tensor(1.5), torch.tensor(2.0)], first_step=10) == [1.5, 2.0]
+        assert _read_losses([], first_step=0) == []
+        with pytest.raises(DataError, match="inf at step 11"):
+            _read_losses([torch.tensor(1.0), torch.tensor(float("inf"))], first_step=10)
+
+    def test_checkpoints_hold_only_host_tensors(self, decoder_dir, tmp_path):
+        train(_model(decoder_dir), [ToyTask(16, 0)], [1], TrainConfig(max_steps=3, **FAST), tmp_path, progress=False)
+        (ckpt,) = tmp_path.glob("checkpoint-*")
+        state = torch.load(ckpt / "state.pt", weights_only=True)
+
+        def devices(obj):
+            if isinstance(obj, torch.Tensor):
+                yield obj.device.type
+            elif isinstance(obj, dict):
+                for v in obj.values():
+                    yield from devices(v)
+            elif isinstance(obj, (list, tuple)):
+                for v in obj:
+                    yield from devices(v)
+
+        assert set(devices(state)) == {"cpu"}
+
+    def test_device_and_capture_do_not_change_the_key(self):
+        base = TrainConfig().identity()
+        assert TrainConfig(device="cpu", compile="on", threads=1).identity() == base
+        assert TrainConfig(precision="bf16").identity() != base

@@ -1,4 +1,4 @@
-"""``xares-eval demo``: the whole evaluation, offline on CPU, on data and a decoder made here.
+"""``xares-eval demo``: the whole evaluation, offline, on data and a decoder made here.
 
 It builds the template submission (log-mel baseline, no pretrained weights), generates the demo tracks
 with espeak-ng and sox, builds a *smoke-test* decoder (a tiny Llama pre-trained for a moment on the demo
@@ -32,10 +32,13 @@ Rerunning reuses the submission, data, decoder, features and checkpoints already
               help="Training steps per demo track.")
 @click.option("--decoder-steps", type=click.IntRange(min=1), default=400, show_default=True,
               help="Language-model pre-training steps of the smoke-test decoder.")
+@click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N",
+              help="Where the decoder trains and generates (auto: the first GPU torch sees, else the CPU).")
 @click.option("--quiet", is_flag=True, help="No progress bars (they are off anyway when stdout is not a terminal).")
-def demo(out: Path, max_steps: int, decoder_steps: int, quiet: bool) -> None:
-    """Run the offline demo end to end and print its leaderboard (CPU, a few minutes)."""
+def demo(out: Path, max_steps: int, decoder_steps: int, device: str, quiet: bool) -> None:
+    """Run the offline demo end to end and print its leaderboard (a few minutes on a CPU)."""
     from evaluator.cli.leaderboard import build_table, render_md
+    from evaluator.compute import resolve_device
     from evaluator.data import generate_demo, get_track, iter_clips
     from evaluator.resources import template_dir
     from evaluator.runner import PREDICTIONS_DIR, RunOptions, run_submission
@@ -43,6 +46,7 @@ def demo(out: Path, max_steps: int, decoder_steps: int, quiet: bool) -> None:
     from evaluator.smoke_decoder import build_smoke_decoder
     from evaluator.submission.build import build
 
+    kind = resolve_device(device).type  # fails here, before any work, when the device is not usable
     out = out.resolve()
     data_home = out / "data"
     submission = out / "submission.tar"
@@ -76,7 +80,8 @@ def demo(out: Path, max_steps: int, decoder_steps: int, quiet: bool) -> None:
     for name, track in tracks.items():
         click.echo(f"\n== {name} ==")
         opts = RunOptions(out=out / "runs", decoder=str(decoder), max_steps=max_steps, data_home=data_home,
-                          download=False, progress=not quiet and sys.stdout.isatty(), machine="demo-cpu")
+                          download=False, progress=not quiet and sys.stdout.isatty(), machine=f"demo-{kind}",
+                          device=device)
         outcomes[name] = run_submission(submission, track, opts, echo=click.echo)
 
     results = [parse_results(o.document) for o in outcomes.values()]

@@ -49,7 +49,8 @@ reuses an old checkpoint or score.""",
                    "Checkpoints move between devices: a run started on a GPU resumes on a CPU.")
 @click.option("--compile", "compile_mode", type=click.Choice(["auto", "on", "off"]), default="auto",
               show_default=True,
-              help="Capture the decoder as CUDA graphs (auto: on CUDA only). Same results; off to debug.")
+              help="Capture the decoder as CUDA graphs (auto: on CUDA only). fp32 replays the eager kernels "
+                   "(same numbers); bf16 lets the compiler fuse them too. off: plain eager, to debug.")
 @click.option("--seed", type=int, default=None, help="Training seed [default: the track's, 42].")
 @click.option("--machine", default=None, help="Machine name written into results.json [default: host name].")
 @click.option("--data-home", type=click.Path(file_okay=False, path_type=Path), default=None,

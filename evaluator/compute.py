@@ -154,6 +154,11 @@ class Fallback:
             try:
                 return self.fast(*args, **kwargs)
             except Exception as e:  # any compiler/capture failure: the eager path computes the same thing
-                self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                logger.warning("%s: graph capture failed (%s); continuing in eager mode", self.what, self.failed)
+                self.disable(e)
         return self.eager(*args, **kwargs)
+
+    def disable(self, error: BaseException) -> None:
+        """Use the eager function from now on (also called when the captured backward fails)."""
+        first = str(error).splitlines()[0] if str(error) else ""
+        self.failed = f"{type(error).__name__}: {first}"
+        logger.warning("%s: graph capture failed (%s); continuing in eager mode", self.what, self.failed)

@@ -117,7 +117,7 @@ class Collated:
 
     features: torch.Tensor  # [B, Tf, D] float32, zeros past each clip's frames
     text_ids: torch.Tensor  # [B, Lt] long: prompt (+ target + EOS), pad token after
-    gather: torch.Tensor  # [B, L] long: each packed position's row in [audio | text | zero]
+    source: torch.Tensor  # [B, L] long: each packed position's row in the rows of [audio | text | zero], flattened
     attention_mask: torch.Tensor  # [B, L] long, 1 = real
     position_ids: torch.Tensor  # [B, L] long, contiguous over the real positions of each row
     labels: torch.Tensor | None = None  # [B, L] long (training), IGNORE_INDEX except on targets
@@ -197,15 +197,15 @@ class AudioLLM(nn.Module):
         total = max(lengths)
         if bucket:
             total = bucket_length(total)
-        # gather[i, j] indexes the concatenation [audio frames (t_max) | text (l_max) | one zero row]
-        zero_slot = t_max + l_max
-        gather = torch.full((n, total), zero_slot, dtype=torch.long)
+        # source[i, j]: the row of position j in the flattened [B, t_max audio frames | l_max text | 1 zero row]
+        width = t_max + l_max + 1
+        source = (torch.arange(n)[:, None] * width + width - 1).expand(n, total).clone()
         mask = torch.zeros((n, total), dtype=torch.long)
         labels = torch.full((n, total), IGNORE_INDEX, dtype=torch.long)
         for i in range(n):
             start = total - lengths[i] if padding_side == "left" else 0
             row = torch.cat([torch.arange(frames[i]), t_max + torch.arange(len(texts[i]))])
-            gather[i, start : start + lengths[i]] = row
+            source[i, start : start + lengths[i]] = i * width + row
             mask[i, start : start + lengths[i]] = 1
             if batch.target_ids:
                 first = start + frames[i] + len(batch.prompt_ids[i])
@@ -222,7 +222,7 @@ class AudioLLM(nn.Module):
                 extra = bucket_count(len(target_pos)) - len(target_pos)
                 target_pos = torch.cat([target_pos, target_pos.new_zeros(extra)])
                 target_ids = torch.cat([target_ids, target_ids.new_full((extra,), IGNORE_INDEX)])
-        return Collated(features=feats, text_ids=ids, gather=gather, attention_mask=mask, position_ids=position_ids,
+        return Collated(features=feats, text_ids=ids, source=source, attention_mask=mask, position_ids=position_ids,
                         labels=labels if batch.target_ids is not None else None,
                         target_pos=target_pos, target_ids=target_ids)
 
@@ -235,7 +235,8 @@ class AudioLLM(nn.Module):
         audio = audio.to(text.dtype)
         n, _, hidden = text.shape
         both = torch.cat([audio, text, text.new_zeros(n, 1, hidden)], dim=1)  # [B, Tf + Lt + 1, H]
-        embeds = torch.gather(both, 1, c.gather[:, :, None].expand(-1, -1, hidden))  # [B, L, H]
+        # index_select, not gather: its backward (index_add) is deterministic on CUDA in any dimension
+        embeds = both.flatten(0, 1).index_select(0, c.source.flatten()).view(n, -1, hidden)  # [B, L, H]
         return Inputs(inputs_embeds=embeds, attention_mask=c.attention_mask, position_ids=c.position_ids,
                       labels=c.labels)
 

@@ -30,7 +30,7 @@ import torch
 
 from evaluator import compute
 from evaluator.compute import COMPILE_MODES
-from evaluator.errors import ConfigError, DataError
+from evaluator.errors import ConfigError, DataError, XaresError
 from evaluator.model import AudioLLM, Batch, Collated
 
 logger = logging.getLogger(__name__)
@@ -349,9 +349,7 @@ def train(
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 collated, sampler_state = next(stream)
-                with autocast:
-                    loss = model.loss(collated, body)
-                loss.backward()
+                loss = _forward_backward(model, collated, body, autocast)
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -377,6 +375,24 @@ def train(
         model.save_trainable(weights)
     return TrainResult(steps=steps, losses=losses, weights=weights,
                        resumed_from=resumed[0] if resumed else None, seconds=time.monotonic() - t0)
+
+
+def _forward_backward(model: AudioLLM, collated: Collated, body, autocast) -> torch.Tensor:
+    """Loss and gradients of one batch; a captured graph that fails in its backward falls back to eager too."""
+    try:
+        with autocast:
+            loss = model.loss(collated, body)
+        loss.backward()
+        return loss
+    except Exception as e:
+        if body is None or body.failed is not None or isinstance(e, XaresError):
+            raise
+        body.disable(e)
+        model.zero_grad(set_to_none=True)
+        with autocast:
+            loss = model.loss(collated, body)
+        loss.backward()
+        return loss
 
 
 def _read_losses(pending: list[torch.Tensor], first_step: int) -> list[float]:

@@ -116,8 +116,8 @@ class TestLayout:
         texts = ("a dog barks", "rain", "a cat", "the bell")[: len(frames)]
         batch = _batch(model, frames=frames, texts=texts)
         plain, bucketed = model.collate(batch), model.collate(batch, bucket=True)
-        length = plain.gather.shape[1]
-        assert bucketed.gather.shape[1] == bucket_length(length) >= length
+        length = plain.source.shape[1]
+        assert bucketed.source.shape[1] == bucket_length(length) >= length
         assert len(bucketed.target_pos) % 16 == 0 and len(bucketed.target_pos) >= len(plain.target_pos)
         model.eval()  # dropout off: it draws per position, so padding would change its masks
         grads = []

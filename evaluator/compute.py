@@ -66,12 +66,15 @@ def describe(device: torch.device) -> str:
 
 
 @contextlib.contextmanager
-def execution(device: torch.device, *, deterministic: bool, threads: int | None, seed: int | None = None):
+def execution(device: torch.device, *, deterministic: bool, threads: int | None, seed: int | None = None,
+              tf32: bool | None = None):
     """Threads, determinism and the seed for one training or generation; previous settings come back after.
 
     deterministic=True: deterministic algorithms, and on CUDA the reproducible cuBLAS workspace with TF32
     off, so a rerun on the same machine gives the same bits. False: the fast defaults (bf16 mode).
+    ``tf32`` (CUDA matmuls in TensorFloat-32) defaults to ``not deterministic``; fp32 decoding keeps it off.
     """
+    tf32 = (not deterministic) if tf32 is None else tf32
     saved = {
         "threads": torch.get_num_threads(),
         "deterministic": torch.are_deterministic_algorithms_enabled(),
@@ -87,8 +90,8 @@ def execution(device: torch.device, *, deterministic: bool, threads: int | None,
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC)
     torch.use_deterministic_algorithms(deterministic)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = not deterministic
-        torch.backends.cudnn.allow_tf32 = not deterministic
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
         torch.backends.cudnn.deterministic = deterministic
         torch.backends.cudnn.benchmark = False
     devices = [device.index or 0] if device.type == "cuda" else []

@@ -110,7 +110,9 @@ class Generator:
         self.decoder = None
 
     def __enter__(self) -> Generator:
-        self._stack.enter_context(compute.execution(self.device, deterministic=False, threads=self.options.threads))
+        # fp32 decoding stays IEEE fp32 on a GPU too (no TF32): answers as close to the CPU's as a GPU gives
+        self._stack.enter_context(compute.execution(self.device, deterministic=False, threads=self.options.threads,
+                                                    tf32=self.options.precision == "bf16"))
         self._stack.enter_context(_eval_mode(self.model))
         self._stack.enter_context(compute.graph_cache())
         self.decoder = self._stack.enter_context(_prepared_decoder(self.model, self.options))

@@ -253,12 +253,14 @@ def _save_checkpoint(out_dir: Path, step: int, model, optimizer, sampler_state: 
         "step": step,
         "optimizer": _to_cpu(optimizer.state_dict()),  # device-independent: resumes on a CPU or a GPU
         "torch_rng": torch.get_rng_state(),
-        **({"cuda_rng": torch.cuda.get_rng_state(device)} if (device := model.projector.weight.device).type == "cuda" else {}),
         "sampler": json.dumps(sampler_state),
         "losses": torch.tensor(losses, dtype=torch.float64),
         "train_config": json.dumps(cfg.identity(), sort_keys=True),
         "model_config": json.dumps(model.config.to_dict(), sort_keys=True),
     }
+    device = model.projector.weight.device
+    if device.type == "cuda":  # LoRA dropout draws on the GPU's own generator
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
     torch.save(state, tmp / "state.pt")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)

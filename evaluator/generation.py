@@ -106,7 +106,7 @@ class Generator:
         self.engine = engine
         self.batch_size = options.batch_size or (GPU_BATCH if self.device.type == "cuda" else CPU_BATCH)
         self._stack = contextlib.ExitStack()
-        self._steps: dict[tuple, object] = {}  # static engine: (batch, cache length) -> (cache, step function)
+        self._steps: dict[int, tuple] = {}  # static engine: batch -> (cache, its length, decode step)
         self.decoder = None
 
     def __enter__(self) -> Generator:
@@ -173,8 +173,10 @@ class Generator:
 
     def _decode_static(self, batch: Batch) -> list[list[int]]:
         """Fixed shapes from end to end: the batch is filled up to `batch_size` rows (copies of its first,
-        whose answers are dropped), the prompt is left-padded to a length bucket, the cache holds the
-        bucket plus max_new_tokens, and finished rows keep decoding (masked) until all have finished."""
+        whose answers are dropped), the prompt is left-padded to a length bucket, and finished rows keep
+        decoding (masked) until all have finished. One cache serves the whole run: it only grows (and the
+        step is captured again) when a longer prompt than any before arrives, so a run captures a handful
+        of graphs, not one per batch or task."""
         model, options = self.model, self.options
         real = len(batch.features)
         fill = self.batch_size - real
@@ -183,19 +185,18 @@ class Generator:
         collated = model.collate(padded, "left", bucket=True)
         x = model.inputs(collated)
         embeds = x.inputs_embeds.to(self.decoder.get_input_embeddings().weight.dtype)
-        prompt_len = embeds.shape[1]
-        cache, step = self._static_step(self.batch_size, prompt_len + options.max_new_tokens)
-        ids = _decode_static(self.decoder, cache, step, embeds, x.attention_mask, x.position_ids, options,
+        cache, length, step = self._static_step(self.batch_size, embeds.shape[1] + options.max_new_tokens)
+        ids = _decode_static(self.decoder, cache, length, step, embeds, x.attention_mask, x.position_ids, options,
                              model.eos_token_id)
         return ids[:real]
 
     def _static_step(self, batch: int, length: int):
-        """One static cache and one (captured) decode step per shape, reused across batches and tasks."""
+        """The run's static cache (grown to hold ``length`` positions) and its (captured) decode step."""
         from transformers import StaticCache
 
-        key = (batch, length)
-        if key not in self._steps:
-            self._steps.clear()  # one shape at a time: a cache for 256 rows can hold gigabytes
+        current = self._steps.get(batch)
+        if current is None or current[1] < length:
+            self._steps.clear()  # drop the smaller cache first: one for 256 rows can hold gigabytes
             cache = StaticCache(config=self.decoder.config, max_cache_len=length)
             decoder = self.decoder
 
@@ -208,8 +209,8 @@ class Generator:
                 exact = self.options.precision == "fp32"
                 fast = compute.compiled(step, device=self.device, exact=exact, backend=self.options.compile_backend)
                 step = compute.Fallback(fast, step, "generation")
-            self._steps[key] = (cache, step)
-        return self._steps[key]
+            self._steps[batch] = (cache, length, step)
+        return self._steps[batch]
 
 
 def generate(model: AudioLLM, dataset, options: DecodingOptions = DecodingOptions(), progress: bool = True) -> list[Prediction]:
@@ -329,11 +330,13 @@ def _decode_kv(decoder, embeds, mask, positions, options: DecodingOptions, eos: 
     return out_ids
 
 
-def _decode_static(decoder, cache, step, embeds, mask, positions, options: DecodingOptions, eos: int) -> list[list[int]]:
-    """Greedy/sampled decoding over a static cache: every tensor keeps its shape from the first token to the
-    last, so ``step`` can be a replayed graph. Same tokens as `_decode_kv` (tested)."""
+def _decode_static(decoder, cache, length: int, step, embeds, mask, positions, options: DecodingOptions,
+                   eos: int) -> list[list[int]]:
+    """Greedy/sampled decoding over a static cache of ``length`` positions: every tensor keeps its shape
+    from the first token to the last, so ``step`` can be a replayed graph. Same tokens as `_decode_kv`
+    (tested): the unused tail of the cache is masked out."""
     n, prompt_len, device = embeds.shape[0], embeds.shape[1], embeds.device
-    length = prompt_len + options.max_new_tokens
+    assert prompt_len + options.max_new_tokens <= length
     cache.reset()
     full_mask = torch.zeros(n, length, dtype=mask.dtype, device=device)
     full_mask[:, :prompt_len] = mask

@@ -152,9 +152,24 @@ class TestEngines:
         with Generator(lm_model, DecodingOptions(engine="static", compile="on", compile_backend="aot_eager",
                                                  batch_size=4, max_new_tokens=16)) as gen:
             static = gen.generate(items, progress=False)
-            (_, step), = gen._steps.values()
+            (_, _, step), = gen._steps.values()
         assert step.failed is None
         assert [p.text for p in static] == [p.text for p in kv]
+
+    def test_one_cache_grows_across_tasks(self, adapted_model):
+        """Short clips first, longer ones after: the run's single static cache grows once and answers stay
+        those of the KV loop (its unused tail is masked)."""
+        short, long = Items([3, 5, 2], seed=6), Items([90, 40, 70], seed=7)
+        options = dict(max_new_tokens=12, repetition_penalty=1.3, batch_size=4)
+        with Generator(adapted_model, DecodingOptions(engine="static", **options)) as gen:
+            a = gen.generate(short, progress=False)
+            first = gen._steps[4][1]
+            b = gen.generate(long, progress=False)
+            c = gen.generate(short, progress=False)  # served by the grown cache
+            assert gen._steps[4][1] > first
+        kv = DecodingOptions(engine="kv", **options)
+        assert a == c == generate(adapted_model, short, kv, progress=False)
+        assert b == generate(adapted_model, long, kv, progress=False)
 
     def test_cpu_defaults(self, lm_model):
         gen = Generator(lm_model)

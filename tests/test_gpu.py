@@ -124,7 +124,7 @@ class TestGeneration:
         with Generator(trained, DecodingOptions(max_new_tokens=12)) as gen:
             assert gen.engine == "static" and gen.batch_size == 256
             gen.generate(toy(8, 5), progress=False)
-            (_, step), = gen._steps.values()
+            (_, _, step), = gen._steps.values()
         assert step.failed is None, step.failed
 
     def test_engines_agree_on_the_gpu(self, trained):

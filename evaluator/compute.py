@@ -116,12 +116,14 @@ def use_compile(mode: str, device: torch.device) -> bool:
     return mode == "on" or (mode == "auto" and device.type == "cuda")
 
 
-def compiled(fn, *, device: torch.device, exact: bool, backend: str | None = None):
+def compiled(fn, *, device: torch.device, exact: bool, backend: str | None = None, dynamic: bool | None = None):
     """``fn`` under torch.compile, captured as CUDA graphs on a GPU.
 
     exact=True keeps eager kernels (the ``cudagraphs`` backend: same numerics as eager, only the launches
-    are replayed); exact=False lets inductor fuse kernels too (bf16 fast mode). ``backend`` overrides the
-    choice (tests use ``aot_eager`` on the CPU to prove the graph traces without a break).
+    are replayed); exact=False lets inductor fuse kernels too. ``dynamic=None`` traces once more with
+    symbolic lengths after the second shape, then records one graph per length bucket without tracing
+    again. ``backend`` overrides the choice (tests use ``aot_eager`` on the CPU to prove the graph traces
+    without a break, the condition for capturing it on a GPU).
     """
     if backend is None:
         if device.type == "cuda":
@@ -129,7 +131,7 @@ def compiled(fn, *, device: torch.device, exact: bool, backend: str | None = Non
         else:
             backend = "aot_eager" if exact else "inductor"
     options = {"mode": "reduce-overhead"} if backend == "inductor" and device.type == "cuda" else {}
-    return torch.compile(fn, backend=backend, fullgraph=True, dynamic=False, **options)
+    return torch.compile(fn, backend=backend, fullgraph=True, dynamic=dynamic, **options)
 
 
 @contextlib.contextmanager

@@ -206,8 +206,10 @@ class Generator:
                 return out.logits[:, -1, :].float()
 
             if compute.use_compile(self.options.compile, self.device):
-                exact = self.options.precision == "fp32"
-                fast = compute.compiled(step, device=self.device, exact=exact, backend=self.options.compile_backend)
+                # inductor's CUDA graphs (exact=False) write the static cache in place; the plain
+                # `cudagraphs` backend would copy it as an input. fp32 stays IEEE fp32, fused differently.
+                fast = compute.compiled(step, device=self.device, exact=False, backend=self.options.compile_backend,
+                                        dynamic=False)
                 step = compute.Fallback(fast, step, "generation")
             self._steps[batch] = (cache, length, step)
         return self._steps[batch]

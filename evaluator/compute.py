@@ -6,8 +6,9 @@ Training and generation both ask here, so a run says once what it runs on and un
     with execution(device, deterministic=True, threads=None, seed=42):
         ...                                        # bit-identical reruns on the same machine
 
-On a shared CPU the threads default to the cores this process may use (affinity and cgroup quota), not
-``os.cpu_count()``: oversubscribed OpenMP threads spin and made the engine 3x slower than a single thread.
+On a shared CPU the threads default to the cores this process may use (affinity and cgroup quota) that
+other processes leave free, not ``os.cpu_count()``: oversubscribed OpenMP threads spin and made the engine
+3x slower than a single thread.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import os
 
 import torch
 
-from evaluator.cores import usable_cpus
+from evaluator.cores import busy_elsewhere, usable_cpus
 from evaluator.errors import ConfigError, EnvironmentUnavailable
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,22 @@ def describe(device: torch.device) -> str:
     return f"cpu ({usable_cpus()} usable cores)"
 
 
+def cpu_threads(threads: int | None = None) -> int:
+    """Torch threads for CPU work: ``threads`` when given, else the usable cores that are free now.
+
+    On an idle machine that is every core this process may use; beside other busy processes it is fewer,
+    because each OpenMP region waits for its slowest thread (measured in benchmarks/bench_threads.py).
+    Greedy answers do not depend on it; fp32 weights do, by float rounding, so a run records its count.
+    """
+    if threads:
+        return threads
+    usable = usable_cpus()
+    others = busy_elsewhere(0.2) if usable > 1 else 0.0
+    chosen = max(1, min(usable, usable - int(others + 0.5)))
+    logger.info("CPU threads: %d of %d usable cores (other processes busy on %.1f)", chosen, usable, others)
+    return chosen
+
+
 @contextlib.contextmanager
 def execution(device: torch.device, *, deterministic: bool, threads: int | None, seed: int | None = None,
               tf32: bool | None = None):
@@ -84,7 +101,7 @@ def execution(device: torch.device, *, deterministic: bool, threads: int | None,
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
     }
     if device.type == "cpu":
-        torch.set_num_threads(threads or usable_cpus())
+        torch.set_num_threads(cpu_threads(threads))
     if deterministic and device.type == "cuda":
         # read when cuBLAS makes its first handle: set before the first GEMM of the process
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC)

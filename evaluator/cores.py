@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_STAT = Path("/proc/stat")
 # Idle OpenMP worker threads sleep instead of spinning: set before the OpenMP runtime loads (with torch).
 QUIET_OPENMP = {"OMP_WAIT_POLICY": "PASSIVE"}
 
@@ -43,3 +45,46 @@ def cgroup_cpu_quota(root: Path = CGROUP_ROOT) -> float | None:
     except (OSError, ValueError):
         return None
     return quota / period if quota > 0 and period > 0 else None
+
+
+def busy_elsewhere(interval: float = 0.25, proc_stat: Path = PROC_STAT) -> float:
+    """Cores of our CPU affinity that *other* processes kept busy during ``interval`` seconds.
+
+    Read from the per-CPU lines of /proc/stat, minus this process's own CPU time; 0.0 where /proc/stat
+    cannot be read (not Linux), so the caller falls back to every usable core.
+    """
+    try:
+        cpus = os.sched_getaffinity(0)
+    except (AttributeError, OSError):
+        cpus = None
+    first, ours = _busy_ticks(proc_stat, cpus), os.times()
+    if first is None:
+        return 0.0
+    t0 = time.monotonic()
+    time.sleep(interval)
+    second, ours_after = _busy_ticks(proc_stat, cpus), os.times()
+    elapsed = time.monotonic() - t0
+    if second is None or elapsed <= 0:
+        return 0.0
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    busy = (second - first) / ticks
+    own = (ours_after.user + ours_after.system) - (ours.user + ours.system)
+    return max(0.0, (busy - own) / elapsed)
+
+
+def _busy_ticks(proc_stat: Path, cpus: set[int] | None) -> int | None:
+    """Non-idle clock ticks summed over ``cpus`` (all CPUs when None)."""
+    try:
+        lines = proc_stat.read_text().splitlines()
+    except OSError:
+        return None
+    total = 0
+    for line in lines:
+        name, *fields = line.split()
+        if not name.startswith("cpu") or name == "cpu" or not name[3:].isdigit():
+            continue
+        if cpus is not None and int(name[3:]) not in cpus:
+            continue
+        values = [int(v) for v in fields[:8]]  # user nice system idle iowait irq softirq steal
+        total += sum(values) - values[3] - values[4]
+    return total

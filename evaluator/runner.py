@@ -117,9 +117,9 @@ def run_submission(archive: Path, track: TrackSpec, opts: RunOptions, *, echo: E
         # fail now, not after hours of extraction: the decoder must be there and the device usable
         from evaluator.hub import check_decoder
 
-        device = _device(opts)
+        device, described = _device(opts)
         check_decoder(opts.decoder or train_track.decoder_model_name)
-        echo(f"  - decoder on {device}")
+        echo(f"  - decoder on {described}")
         sub_dir = Path(opts.out) / f"{manifest.name}-{sub_sha[:12]}"
         limits = Limits(memory_mb=opts.memory_mb or manifest.resources.memory_mb, gpu=opts.gpu)
         with _Sandbox(root, manifest, limits, echo) as sandbox:
@@ -147,7 +147,7 @@ def run_submission(archive: Path, track: TrackSpec, opts: RunOptions, *, echo: E
             _write_json(run_dir / "probe.json", probe.to_dict())
             _write_json(run_dir / "config.json", {
                 "run_key": run_key, "submission": {"name": manifest.name, "sha256": sub_sha},
-                "track": track.name, "train_dir": str(train_dir), "device": device,
+                "track": track.name, "train_dir": str(train_dir), "device": described,
                 "options": _jsonable(asdict(opts)),
                 "skipped": {k: v for k, v in stages.skips.items()},
             })
@@ -160,7 +160,7 @@ def run_submission(archive: Path, track: TrackSpec, opts: RunOptions, *, echo: E
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), evaluator_version=__version__,
         run_key=run_key, config={"train_dir": train_dir.name, "decoder": stages.decoder_name(train_track),
                                  "max_steps": stages.max_steps(train_track), "precision": opts.precision,
-                                 "device": device},
+                                 "device": described},
     )
     results_path = run_dir / "results.json"
     _write_json(results_path, document)
@@ -178,11 +178,12 @@ def resolve_track(name: str | None, *, train_config: Path | None = None, eval_co
     return get_track(name, hidden_config=hidden_config, data_home=data_home)
 
 
-def _device(opts: RunOptions) -> str:
-    """The decoder's device, checked now; described with its name ('cuda:0 (NVIDIA H200)')."""
+def _device(opts: RunOptions) -> tuple[str, str]:
+    """The decoder's device, checked now: its name ('cuda:0') and description ('cuda:0 (NVIDIA H200)')."""
     from evaluator import compute
 
-    return compute.describe(compute.resolve_device(opts.device))
+    device = compute.resolve_device(opts.device)
+    return str(device), compute.describe(device)
 
 
 def _decoder_track(track: TrackSpec, opts: RunOptions) -> TrackSpec:
@@ -244,7 +245,7 @@ class _Stages:
     def __init__(self, sub_sha: str, manifest: Manifest, opts: RunOptions, sandbox: _Sandbox, echo: Echo,
                  device: str):
         self.sub_sha, self.manifest, self.opts, self.sandbox, self.echo = sub_sha, manifest, opts, sandbox, echo
-        self.device = device.split(" ")[0]  # "cuda:0" of "cuda:0 (NVIDIA H200)"
+        self.device = device  # "cpu" | "cuda:N"
         self.store_root = opts.store_root or Path(opts.out) / "features"
         self.skips: dict[str, dict] = {}  # "<task>/<split>" -> skip counts
         self.errors: dict[str, str] = {}  # eval task id -> why it could not be extracted

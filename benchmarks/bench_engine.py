@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI does, before torch loads
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

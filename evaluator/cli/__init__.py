@@ -117,6 +117,9 @@ def _setup_logging(verbose: int) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # the console keeps its level even while a run lowers the evaluator logger's to INFO for its run.log
+    for handler in logging.getLogger().handlers:
+        handler.setLevel(level)
 
 
 _common = [

@@ -21,7 +21,7 @@ PY="${PYTHON:-python3}"
 LOG="$OUT/check.log"
 : > "$LOG"
 
-if ls .whl/*.whl >/dev/null 2>&1; then
+if ! $PY -c "import jsonschema, jiwer, soundfile, soxr, docker" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     >> "$LOG" 2>&1 || { echo "installing the carried wheels failed (see $LOG)"; exit 1; }
   export PYTHONPATH="/tmp/site:$PWD"

@@ -57,10 +57,13 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-# our side as `xares-eval` runs it: idle OpenMP threads sleep (read once, when torch loads); the reference's
-# process gets the environment it would have had without us (see run_reference)
+# our side waits as `xares-eval` would (evaluator.cores.settle_openmp, read once when torch loads):
+# passive beside busy processes (--busy N, started after the imports), the OpenMP default otherwise; the
+# reference's process gets the environment it would have had without us (see run_reference)
 _OUR_OMP = "OMP_WAIT_POLICY" not in os.environ
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+_argv = " ".join(sys.argv[1:]).replace("=", " ").split()
+if "--busy" in _argv and _argv[_argv.index("--busy") + 1 :][:1] not in (["0"], []):
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

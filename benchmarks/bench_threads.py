@@ -50,8 +50,10 @@ def build_decoder(kind: str, folder: Path) -> Path:
 
 
 def measure(decoder: Path, steps: int, threads: str, policy: str, work: Path) -> float:
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if policy != "default":
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    if policy.startswith("spin="):  # GNU OpenMP: spin this many times, then sleep
+        env["GOMP_SPINCOUNT"] = policy.split("=", 1)[1]
+    elif policy != "default":
         env["OMP_WAIT_POLICY"] = policy
     env["HF_HUB_OFFLINE"] = "1"
     out = subprocess.run([sys.executable, "-c", WORKER, str(decoder), str(steps), threads, str(work)],
@@ -68,7 +70,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=4, help="timed training steps per setting")
     p.add_argument("--busy", type=int, default=2, help="spinning processes for the busy half (0: idle only)")
     p.add_argument("--settings", default="1:default,default:active,default:passive",
-                   help="comma list of THREADS:POLICY (THREADS a number or 'default' = the engine's choice)")
+                   help="comma list of THREADS:WAIT (THREADS a number or 'default' = the engine's choice; WAIT "
+                        "default | active | passive | spin=N for GOMP_SPINCOUNT=N)")
     args = p.parse_args(argv)
     settings = [tuple(s.split(":")) for s in args.settings.split(",")]
     rows = []
@@ -79,10 +82,10 @@ def main(argv=None) -> int:
             burners = [subprocess.Popen([sys.executable, "-c", BURN.format(limit=3600)]) for _ in range(load)]
             try:
                 time.sleep(1 if load else 0)
-                for threads, policy in settings:
-                    rate = measure(decoder, args.steps, threads, policy, work / f"{load}-{threads}-{policy}")
+                for k, (threads, policy) in enumerate(settings):
+                    rate = measure(decoder, args.steps, threads, policy, work / f"{load}-{k}")
                     rows.append((load, threads, policy, rate))
-                    print(f"  busy {load}: threads {threads}, OMP_WAIT_POLICY {policy}: {rate:.3g} steps/s",
+                    print(f"  busy {load}: threads {threads}, waiting {policy}: {rate:.3g} steps/s",
                           file=sys.stderr, flush=True)
             finally:
                 for b in burners:
@@ -90,10 +93,10 @@ def main(argv=None) -> int:
                     b.wait()
     print(f"\n{args.decoder} decoder, training steps/s on {os.cpu_count()} cores "
           f"(usable: {len(os.sched_getaffinity(0))})\n")
-    print("| spinning processes beside | threads | OMP_WAIT_POLICY | steps/s | vs 1 thread |")
+    print("| spinning processes beside | threads | OpenMP waiting | steps/s | vs 1 thread |")
     print("|---|---|---|---|---|")
     for load, threads, policy, rate in rows:
-        base = next((r for ld, t, pol, r in rows if ld == load and t == "1"), rate)
+        base = next((r for ld, t, _, r in rows if ld == load and t == "1"), rate)
         print(f"| {load} | {threads} | {policy} | {rate:.3g} | {rate / base:.2f}x |")
     return 0
 

@@ -6,9 +6,9 @@ Training and generation both ask here, so a run says once what it runs on and un
     with execution(device, deterministic=True, threads=None, seed=42):
         ...                                        # bit-identical reruns on the same machine
 
-On a shared CPU the threads default to the cores this process may use (affinity and cgroup quota) that
-other processes leave free, not ``os.cpu_count()``: oversubscribed OpenMP threads spin and made the engine
-3x slower than a single thread.
+On a shared CPU the threads default to the cores this process may use (affinity and cgroup quota), not
+``os.cpu_count()``; how idle OpenMP threads wait is settled before torch loads (`cores.settle_openmp`):
+spinning threads beside busy processes made the engine 3x slower than a single thread.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from evaluator.cores import busy_elsewhere, usable_cpus
+from evaluator.cores import usable_cpus
 from evaluator.errors import ConfigError, EnvironmentUnavailable
 
 logger = logging.getLogger(__name__)
@@ -67,19 +67,12 @@ def describe(device: torch.device) -> str:
 
 
 def cpu_threads(threads: int | None = None) -> int:
-    """Torch threads for CPU work: ``threads`` when given, else the usable cores that are free now.
+    """Torch threads for CPU work: ``threads`` when given, else every core this process may use.
 
-    On an idle machine that is every core this process may use; beside other busy processes it is fewer,
-    because each OpenMP region waits for its slowest thread (measured in benchmarks/bench_threads.py).
-    Greedy answers do not depend on it; fp32 weights do, by float rounding, so a run records its count.
+    fp32 sums round differently with another thread count, so a fixed machine (or ``--threads``) gives
+    bit-identical reruns; how idle threads wait (cores.settle_openmp) decides how they share a busy one.
     """
-    if threads:
-        return threads
-    usable = usable_cpus()
-    others = busy_elsewhere(0.2) if usable > 1 else 0.0
-    chosen = max(1, min(usable, usable - int(others + 0.5)))
-    logger.info("CPU threads: %d of %d usable cores (other processes busy on %.1f)", chosen, usable, others)
-    return chosen
+    return threads or usable_cpus()
 
 
 @contextlib.contextmanager

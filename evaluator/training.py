@@ -263,25 +263,13 @@ def _save_checkpoint(out_dir: Path, step: int, model, optimizer, sampler_state: 
     if device.type == "cuda":  # LoRA dropout draws on the GPU's own generator
         state["cuda_rng"] = torch.cuda.get_rng_state(device)
     if threads:
-        state["cpu_threads"] = threads
+        state["cpu_threads"] = threads  # for the record: fp32 bits depend on it
     torch.save(state, tmp / "state.pt")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for _, old in _checkpoints(out_dir)[: -cfg.keep_checkpoints]:
         shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def _started_with_threads(out_dir: Path) -> int | None:
-    """The CPU thread count of the run whose newest checkpoint is in ``out_dir``, if it trained on a CPU."""
-    found = _checkpoints(out_dir)
-    if not found:
-        return None
-    try:
-        threads = torch.load(found[-1][1] / "state.pt", weights_only=True, map_location="cpu").get("cpu_threads")
-    except Exception:  # an unreadable checkpoint is reported by _resume, with its path
-        return None
-    return int(threads) if threads else None
 
 
 def _resume(out_dir: Path, model, optimizer, sampler, cfg: TrainConfig) -> tuple[int, list[float]] | None:
@@ -342,8 +330,7 @@ def train(
     sampler = BatchSampler(model, datasets, probs, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     deterministic = cfg.precision == "fp32"
-    # the thread count rounds fp32 sums differently: a resumed run keeps the one it started with
-    threads = (cfg.threads or _started_with_threads(out_dir) or compute.cpu_threads()) if device.type == "cpu" else None
+    threads = compute.cpu_threads(cfg.threads) if device.type == "cpu" else None
     with compute.execution(device, deterministic=deterministic, threads=threads, seed=cfg.seed), \
             compute.graph_cache():
         optimizer = _make_optimizer(model, cfg, device)

@@ -74,21 +74,26 @@ class TestCores:
     def test_no_cgroup_files(self, tmp_path):
         assert cgroup_cpu_quota(tmp_path) is None
 
-    def test_cli_processes_wait_passively(self):
-        code = "import os, evaluator.cli; print(os.environ.get('OMP_WAIT_POLICY'))"
-        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env,
-                             cwd=os.path.dirname(os.path.dirname(__file__)))
-        assert out.stdout.strip() == "PASSIVE"
 
+class TestOpenMPWaiting:
+    def test_threads_are_the_usable_cores_unless_given(self):
+        assert compute.cpu_threads() == usable_cpus() and compute.cpu_threads(3) == 3
 
-class TestFreeCores:
-    def test_default_threads_leave_the_busy_cores(self, monkeypatch):
-        monkeypatch.setattr(compute, "usable_cpus", lambda: 4)
-        for busy, expected in ((0.0, 4), (0.4, 4), (1.6, 2), (3.9, 1), (9.0, 1)):
-            monkeypatch.setattr(compute, "busy_elsewhere", lambda interval, b=busy: b)
-            assert compute.cpu_threads() == expected
-        assert compute.cpu_threads(3) == 3  # an explicit count is kept
+    @pytest.mark.parametrize("busy, expected", [(0.0, "default"), (0.3, "default"), (0.6, "PASSIVE"), (2.0, "PASSIVE")])
+    def test_idle_threads_sleep_only_beside_busy_processes(self, monkeypatch, busy, expected):
+        from evaluator import cores
+
+        monkeypatch.setattr(cores, "busy_elsewhere", lambda interval: busy)
+        env = {}
+        assert cores.settle_openmp(env) == expected
+        assert env == ({"OMP_WAIT_POLICY": "PASSIVE"} if expected == "PASSIVE" else {})
+
+    def test_a_users_setting_is_kept(self, monkeypatch):
+        from evaluator import cores
+
+        monkeypatch.setattr(cores, "busy_elsewhere", lambda interval: 5.0)
+        assert cores.settle_openmp(env := {"OMP_WAIT_POLICY": "ACTIVE"}) == "ACTIVE" and env == {"OMP_WAIT_POLICY": "ACTIVE"}
+        assert cores.settle_openmp({"GOMP_SPINCOUNT": "1000"}) == "GOMP_SPINCOUNT=1000"
 
     def test_a_spinning_neighbour_is_seen(self):
         from evaluator.cores import busy_elsewhere
@@ -121,7 +126,7 @@ class TestExecution:
             assert torch.are_deterministic_algorithms_enabled() == (not det)
             a = torch.rand(3)
         with compute.execution(torch.device("cpu"), deterministic=det, threads=None, seed=3):
-            assert 1 <= torch.get_num_threads() <= usable_cpus()
+            assert torch.get_num_threads() == usable_cpus()
             b = torch.rand(3)
         assert torch.equal(a, b)  # the seed is applied inside
         assert torch.get_num_threads() == threads and torch.are_deterministic_algorithms_enabled() == det

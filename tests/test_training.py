@@ -319,19 +319,3 @@ def test_a_captured_graph_failing_in_backward_falls_back_to_eager(decoder_dir, t
     loss = _forward_backward(model, collated, body, torch.autocast("cpu", enabled=False))
     assert body.failed == "RuntimeError: CUDA graph replay failed in backward"
     assert torch.isfinite(loss) and model.projector.weight.grad is not None
-
-
-def test_a_resumed_run_keeps_the_thread_count_it_started_with(decoder_dir, tmp_path, monkeypatch):
-    """fp32 sums round differently with another thread count: the default count (the cores free at the
-    start) is stored in the checkpoints and reused on resume, whatever the load is then."""
-    from evaluator import compute
-
-    cfg = TrainConfig(max_steps=6, checkpoint_every=3, **{**FAST, "threads": None})
-    monkeypatch.setattr(compute, "cpu_threads", lambda threads=None: threads or 1)
-    train(_model(decoder_dir), [ToyTask(16, 0)], [1], cfg, tmp_path, progress=False, stop_at_step=4)
-    assert torch.load(tmp_path / "checkpoint-00000003" / "state.pt", weights_only=True)["cpu_threads"] == 1
-    seen = []
-    monkeypatch.setattr(compute, "cpu_threads", lambda threads=None: seen.append(threads) or threads or 2)
-    result = train(_model(decoder_dir), [ToyTask(16, 0)], [1], cfg, tmp_path, progress=False)
-    assert result.resumed_from == 3 and seen == [1]  # the stored count, not a new measurement
-    assert torch.load(tmp_path / "checkpoint-00000006" / "state.pt", weights_only=True)["cpu_threads"] == 1

@@ -18,12 +18,7 @@ import warnings
 
 import click
 
-from evaluator.cores import QUIET_OPENMP
 from evaluator.errors import XaresError
-
-# Before any subcommand imports torch: its OpenMP runtime reads these once, when it loads.
-for _key, _value in QUIET_OPENMP.items():
-    os.environ.setdefault(_key, _value)
 
 INTERNAL_ERROR_EXIT = 70  # EX_SOFTWARE
 

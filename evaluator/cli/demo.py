@@ -37,6 +37,9 @@ Rerunning reuses the submission, data, decoder, features and checkpoints already
 @click.option("--quiet", is_flag=True, help="No progress bars (they are off anyway when stdout is not a terminal).")
 def demo(out: Path, max_steps: int, decoder_steps: int, device: str, quiet: bool) -> None:
     """Run the offline demo end to end and print its leaderboard (a few minutes on a CPU)."""
+    from evaluator.cores import settle_openmp
+
+    settle_openmp()  # before anything imports torch
     from evaluator.cli.leaderboard import build_table, render_md
     from evaluator.compute import resolve_device
     from evaluator.data import generate_demo, get_track, iter_clips

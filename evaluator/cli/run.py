@@ -85,6 +85,9 @@ def run(submission: Path, track: str | None, train_config: Path | None, eval_con
     and LoRA decoder of the track, generates an answer per test clip and scores it. A task that fails
     is reported and scored 0 ("failed"); the run goes on.
     """
+    from evaluator.cores import settle_openmp
+
+    settle_openmp()  # before anything imports torch
     from evaluator.runner import RunOptions, resolve_track, run_submission
 
     if track is None and not (train_config or eval_config):

@@ -34,6 +34,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI does, before t
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from bench_encoder import BenchLogMelEncoder  # noqa: E402 - beside this script, shared with bench_reference.py
 
 from evaluator.compute import describe, resolve_device  # noqa: E402
 from evaluator.features import ArrayDataset  # noqa: E402
@@ -45,32 +46,6 @@ from evaluator.training import TrainConfig, train  # noqa: E402
 SAMPLE_RATE = 16_000
 PROMPT = "Classify the sound."
 TEXTS = ["a dog barks", "rain falls on the roof", "a cat meows", "the bell rings twice", "speech", "music"]
-
-
-class LogMelEncoder(torch.nn.Module):
-    """A simple frozen encoder: log-mel (128 bins, 25 frames/s) then a fixed random linear map to 768."""
-
-    output_dim = 768
-
-    def __init__(self):
-        super().__init__()
-        n_fft, n_mels = 1024, 128
-        self.hop, self.n_fft = 640, n_fft
-        freqs = torch.linspace(0, SAMPLE_RATE / 2, n_fft // 2 + 1)
-        mel = lambda f: 2595 * torch.log10(1 + f / 700)  # noqa: E731
-        edges = torch.linspace(0, float(mel(torch.tensor(SAMPLE_RATE / 2))), n_mels + 2)
-        m = mel(freqs)
-        lower, centre, upper = edges[:-2, None], edges[1:-1, None], edges[2:, None]
-        fb = torch.clamp(torch.minimum((m - lower) / (centre - lower), (upper - m) / (upper - centre)), min=0)
-        self.register_buffer("fb", fb)  # [n_mels, F]
-        self.register_buffer("window", torch.hann_window(n_fft))
-        self.proj = torch.nn.Linear(n_mels, self.output_dim)
-        self.requires_grad_(False)
-
-    def forward(self, audio: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        spec = torch.stft(audio, self.n_fft, self.hop, window=self.window, return_complex=True).abs() ** 2
-        feats = self.proj(torch.log(self.fb @ spec + 1e-6).transpose(1, 2))  # [B, T, D]
-        return feats, lengths // self.hop + 1
 
 
 def make_clips(n: int, seed: int) -> list[tuple[np.ndarray, str]]:
@@ -86,11 +61,11 @@ def make_clips(n: int, seed: int) -> list[tuple[np.ndarray, str]]:
 
 def encode(encoder, waves: list[np.ndarray]) -> list[torch.Tensor]:
     device = encoder.window.device
-    lengths = torch.tensor([len(w) for w in waves], device=device)
     audio = torch.nn.utils.rnn.pad_sequence([torch.from_numpy(w) for w in waves], batch_first=True).to(device)
+    samples = torch.arange(audio.shape[1], device=device)[None] < torch.tensor([len(w) for w in waves], device=device)[:, None]
     with torch.no_grad():
-        feats, frames = encoder(audio, lengths)
-    return [feats[i, : int(frames[i])] for i in range(len(waves))]
+        feats, mask = encoder(audio, samples.long())
+    return [feats[i, : int(mask[i].sum())] for i in range(len(waves))]
 
 
 def cached_features(encoder, clips) -> ArrayDataset:
@@ -155,7 +130,7 @@ def engine_generate(model, dataset, precision: str, args) -> float:
 
 def bench_decoder(name: str, decoder: Path, args, work: Path) -> list[tuple[str, str, float, float, str]]:
     device = resolve_device(args.device)
-    encoder = LogMelEncoder().eval().to(device)
+    encoder = BenchLogMelEncoder().eval().to(device)
     clips = make_clips(max(args.train_clips, args.gen_samples), seed=0)
     dataset = cached_features(encoder, clips)
     gen_clips = clips[: args.gen_samples]

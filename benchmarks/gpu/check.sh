@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The prepared GPU check of issue 8: one call on a lent GPU machine (an H100/H200 with its own torch,
-# transformers and peft, no network), under 8 minutes. It runs
+# transformers and peft, no network), under 8 minutes (phase limits add up to 480 s). It runs
 #   1. the GPU tests            pytest -m requires_gpu (tests/test_gpu.py)
 #   2. the engine benchmark     benchmarks/bench_engine.py --device cuda (SmolLM2-135M-shaped decoder)
 #   3. Track A-shaped training  benchmarks/gpu/train_track_a.py: 2,000 steps in bf16 and in fp32 + answers/s
-#   4. the demo on the GPU      xares-eval demo --device cuda, scores compared with the CPU's (if carried)
+#   4. the demo on the GPU      xares-eval demo --device cuda, fp32 and bf16, scores compared with the CPU's
 # and writes $OUT/gpu-check.json (every figure) and $OUT/check.log (every phase's output).
 #
 # Prepare on the CPU machine first (wheels the GPU image lacks, the demo's inputs and CPU scores):
@@ -45,11 +45,12 @@ phase() {  # phase NAME SECONDS COMMAND...: run with a time limit, log, record r
   echo "{\"phase\": \"$name\", \"rc\": $rc, \"seconds\": $dt, \"limit\": $limit}" >> "$WORK/phases.jsonl"
 }
 
-phase tests 120 $PY -m pytest -q -p no:cacheprovider -m requires_gpu tests/test_gpu.py --junitxml "$WORK/tests.xml"
-phase engine 100 $PY benchmarks/bench_engine.py --device cuda --quick --decoders smollm2 --json "$WORK/engine.json"
-phase train 170 $PY benchmarks/gpu/train_track_a.py --device cuda --steps 2000 --json "$WORK/train.json"
-if [ -d .gpu-demo ]; then
-  phase demo 90 $PY -m evaluator demo --out .gpu-demo --device cuda --quiet
+phase tests 115 $PY -m pytest -q -p no:cacheprovider -m requires_gpu tests/test_gpu.py --junitxml "$WORK/tests.xml"
+phase engine 95 $PY benchmarks/bench_engine.py --device cuda --quick --decoders smollm2 --json "$WORK/engine.json"
+phase train 165 $PY benchmarks/gpu/train_track_a.py --device cuda --steps 2000 --json "$WORK/train.json"
+if [ -d .gpu-demo ]; then  # the CPU's inputs and features; new decoders (keys hold the precision, not the device)
+  phase demo-fp32 60 $PY -m evaluator demo --out .gpu-demo --device cuda --precision fp32 --quiet
+  phase demo-bf16 45 $PY -m evaluator demo --out .gpu-demo --device cuda --precision bf16 --quiet
 fi
 $PY benchmarks/gpu/summarize.py "$WORK" .gpu-demo > "$OUT/gpu-check.json" 2>> "$LOG"
 cat "$OUT/gpu-check.json"

@@ -45,7 +45,8 @@ def demo(folder: Path) -> dict | None:
     for d in gpu:
         for t in d["tasks"]:
             ref = cpu_scores.get((d["track"], t["task"]))
-            rows.append({"track": d["track"], "task": t["task"], "metric": t["metric"], "gpu": t["score"], "cpu": ref,
+            rows.append({"track": d["track"], "task": t["task"], "metric": t["metric"],
+                         "precision": d.get("config", {}).get("precision"), "gpu": t["score"], "cpu_fp32": ref,
                          "abs_diff": None if ref is None else abs(t["score"] - ref)})
     return {"tasks": rows, "device": gpu[0].get("config", {}).get("device")}
 

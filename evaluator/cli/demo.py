@@ -34,8 +34,10 @@ Rerunning reuses the submission, data, decoder, features and checkpoints already
               help="Language-model pre-training steps of the smoke-test decoder.")
 @click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N",
               help="Where the decoder trains and generates (auto: the first GPU torch sees, else the CPU).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="fp32 is deterministic (the protocol); bf16 is the fast mode.")
 @click.option("--quiet", is_flag=True, help="No progress bars (they are off anyway when stdout is not a terminal).")
-def demo(out: Path, max_steps: int, decoder_steps: int, device: str, quiet: bool) -> None:
+def demo(out: Path, max_steps: int, decoder_steps: int, device: str, precision: str, quiet: bool) -> None:
     """Run the offline demo end to end and print its leaderboard (a few minutes on a CPU)."""
     from evaluator.cores import settle_openmp
 
@@ -84,7 +86,7 @@ def demo(out: Path, max_steps: int, decoder_steps: int, device: str, quiet: bool
         click.echo(f"\n== {name} ==")
         opts = RunOptions(out=out / "runs", decoder=str(decoder), max_steps=max_steps, data_home=data_home,
                           download=False, progress=not quiet and sys.stdout.isatty(), machine=f"demo-{kind}",
-                          device=device)
+                          device=device, precision=precision)
         outcomes[name] = run_submission(submission, track, opts, echo=click.echo)
 
     results = [parse_results(o.document) for o in outcomes.values()]

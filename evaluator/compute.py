@@ -20,7 +20,7 @@ import os
 import torch
 
 from evaluator.cores import usable_cpus
-from evaluator.errors import ConfigError, EnvironmentUnavailable
+from evaluator.errors import ConfigError, EnvironmentUnavailable, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def resolve_device(spec: str | None = "auto") -> torch.device:
 
 
 def describe(device: torch.device) -> str:
-    """'cpu (2 threads)' or 'cuda:0 (NVIDIA H200)', for logs and results.json."""
+    """'cpu (2 usable cores)' or 'cuda:0 (NVIDIA H200)', for logs and results.json."""
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
     return f"cpu ({usable_cpus()} usable cores)"
@@ -174,6 +174,5 @@ class Fallback:
 
     def disable(self, error: BaseException) -> None:
         """Use the eager function from now on (also called when the captured backward fails)."""
-        first = str(error).splitlines()[0] if str(error) else ""
-        self.failed = f"{type(error).__name__}: {first}"
+        self.failed = f"{type(error).__name__}: {first_line(error)}"
         logger.warning("%s: graph capture failed (%s); continuing in eager mode", self.what, self.failed)

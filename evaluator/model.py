@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from evaluator.errors import ModelError, first_line
-from evaluator.hub import check_decoder, decoder_source  # noqa: F401 - check_decoder is public here too
+from evaluator.hub import decoder_source
 
 logger = logging.getLogger(__name__)
 

@@ -32,7 +32,6 @@ from evaluator.extraction import ExtractionConfig, extract, sample_keys, spot_ch
 from evaluator.features import FeatureStore, StoreKey
 from evaluator.fileio import DigestCache, atomic_write_text
 from evaluator.sandbox import Limits, open_runtime
-from evaluator.sandbox.base import Runtime
 from evaluator.submission.archive import unpacked
 from evaluator.submission.manifest import Manifest
 from evaluator.submission.probe import run_probe
@@ -122,13 +121,13 @@ def run_submission(archive: Path, track: TrackSpec, opts: RunOptions, *, echo: E
         echo(f"  - decoder on {described}")
         sub_dir = Path(opts.out) / f"{manifest.name}-{sub_sha[:12]}"
         limits = Limits(memory_mb=opts.memory_mb or manifest.resources.memory_mb, gpu=opts.gpu)
-        with _Sandbox(root, manifest, limits, echo) as sandbox:
-            probe = run_probe(sandbox.runtime, manifest)
+        with _OnFirstUse(lambda: open_runtime(root, manifest, limits)) as sandbox:
+            probe = run_probe(sandbox.get(), manifest)
             if not probe.ok:
                 raise SubmissionError(f"{archive.name} fails {len(probe.reasons)} probe check(s)",
                                       reasons=probe.reasons)
-            echo(f"  - probe: {len(probe.checks)} checks passed on {sandbox.runtime.device} "
-                 f"({sandbox.runtime.isolation})")
+            echo(f"  - probe: {len(probe.checks)} checks passed on {sandbox.get().device} "
+                 f"({sandbox.get().isolation})")
             stages = _Stages(sub_sha, manifest, opts, sandbox, echo, device)
             if train_track.name != track.name:
                 echo(f"  - {track.name} is scored with the decoder of track {train_track.name}, trained on its data")
@@ -192,47 +191,21 @@ def _decoder_track(track: TrackSpec, opts: RunOptions) -> TrackSpec:
     return get_track(track.decoder_track, hidden_config=opts.hidden_config, data_home=opts.data_home)
 
 
-class _Sandbox:
-    """Starts the encoder runtime on first use only: a fully cached run never starts it."""
+class _OnFirstUse:
+    """A context (the encoder runtime, the generation engine) entered only when first asked for, and left
+    with this one: a run whose features or predictions are all cached never starts it."""
 
-    def __init__(self, root: Path, manifest: Manifest, limits: Limits, echo: Echo):
-        self.root, self.manifest, self.limits, self.echo = root, manifest, limits, echo
-        self._runtime: Runtime | None = None
+    def __init__(self, opener: Callable[[], contextlib.AbstractContextManager]):
+        self._opener = opener
         self._stack = contextlib.ExitStack()
-
-    @property
-    def runtime(self) -> Runtime:
-        if self._runtime is None:
-            self._runtime = self._stack.enter_context(open_runtime(self.root, self.manifest, self.limits))
-        return self._runtime
-
-    @property
-    def calls(self) -> int:
-        return self._runtime.calls if self._runtime is not None else 0
-
-    def __enter__(self) -> _Sandbox:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stack.close()
-
-
-class _LazyGenerator:
-    """Opens the generation engine on first use only: a run whose predictions are all cached skips it."""
-
-    def __init__(self, model, options):
-        self.model, self.options = model, options
-        self._stack = contextlib.ExitStack()
-        self._generator = None
+        self._value = None
 
     def get(self):
-        if self._generator is None:
-            from evaluator.generation import Generator
+        if self._value is None:
+            self._value = self._stack.enter_context(self._opener())
+        return self._value
 
-            self._generator = self._stack.enter_context(Generator(self.model, self.options))
-        return self._generator
-
-    def __enter__(self) -> _LazyGenerator:
+    def __enter__(self) -> _OnFirstUse:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -242,7 +215,7 @@ class _LazyGenerator:
 class _Stages:
     """The stages of one run, sharing the submission, the options and the sandbox."""
 
-    def __init__(self, sub_sha: str, manifest: Manifest, opts: RunOptions, sandbox: _Sandbox, echo: Echo,
+    def __init__(self, sub_sha: str, manifest: Manifest, opts: RunOptions, sandbox: _OnFirstUse, echo: Echo,
                  device: str):
         self.sub_sha, self.manifest, self.opts, self.sandbox, self.echo = sub_sha, manifest, opts, sandbox, echo
         self.device = device  # "cpu" | "cuda:N"
@@ -281,7 +254,7 @@ class _Stages:
         clips = iter_clips(task, split, data_home=self.opts.data_home, report=skips,
                            download=self.opts.download, limit=self.opts.limit_clips)
         with _progress(self.opts.progress, f"{task.id} ({split})") as tick:
-            report = extract(self.sandbox.runtime, clips, store, self.manifest, ExtractionConfig(), progress=tick)
+            report = extract(self.sandbox.get(), clips, store, self.manifest, ExtractionConfig(), progress=tick)
         self.skips[f"{task.id}/{split}"] = {"clips": skips.clips, "skipped": skips.skipped,
                                              "reasons": dict(skips.counts)}
         note = f", {skips.skipped} unreadable samples skipped" if skips.skipped else ""
@@ -301,7 +274,7 @@ class _Stages:
         n = min(len(store.entries), max(SPOT_CHECK_MIN_CLIPS, round(self.opts.spot_check * len(store.entries))))
         wanted = set(sample_keys(store, n=n, seed=rng.randrange(2**31)))
         clips = clips_by_key(task, "test", wanted, data_home=self.opts.data_home)
-        report = spot_check(self.sandbox.runtime, clips, store, self.manifest)
+        report = spot_check(self.sandbox.get(), clips, store, self.manifest)
         self.echo(f"  - spot check on {task.id}: {len(report.checked)} clips re-extracted, "
                   f"max |diff| {report.max_abs_diff:.3g}: ok")
 
@@ -362,7 +335,10 @@ class _Stages:
         self.echo(f"Generating and scoring ({len(track.eval_tasks)} tasks)")
         results = []
         scorer = None
-        with _LazyGenerator(model, self._decoding_options()) as generator:  # one merge of LoRA per run
+        from evaluator.generation import Generator
+
+        options = self._decoding_options()
+        with _OnFirstUse(lambda: Generator(model, options)) as generator:  # one merge of LoRA per run
             for task in track.eval_tasks:
                 try:
                     if task.id in self.errors:
@@ -389,7 +365,7 @@ class _Stages:
                                batch_size=self.opts.eval_batch_size, compile=self.opts.compile,
                                precision=self.opts.precision)
 
-    def _predictions(self, task: TaskSpec, store: FeatureStore, generator: _LazyGenerator, run_dir: Path) -> list[dict]:
+    def _predictions(self, task: TaskSpec, store: FeatureStore, generator: _OnFirstUse, run_dir: Path) -> list[dict]:
         """Predictions of one task with sample ids, in data order; reused when already complete."""
         path = run_dir / PREDICTIONS_DIR / f"{task.id}.jsonl"
         if path.exists():

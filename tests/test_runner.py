@@ -65,11 +65,18 @@ def test_run_writes_schema_valid_results_and_keyed_outputs(world):
     assert any("probe: 8 checks passed" in line for line in lines)
 
 
-def test_rerun_reuses_everything_and_changed_steps_do_not(world):
+def test_rerun_reuses_everything_and_changed_steps_do_not(world, monkeypatch):
     root, data_home, track = world
     first = run_submission(root / "submission.tar", track, _opts(root, data_home), echo=lambda s: None)
     lines: list[str] = []
-    again = run_submission(root / "submission.tar", track, _opts(root, data_home), echo=lines.append)
+    from evaluator.generation import Generator
+
+    def not_needed(self):
+        raise AssertionError("every prediction is cached: the generation engine must not be opened")
+
+    with monkeypatch.context() as m:
+        m.setattr(Generator, "__enter__", not_needed)
+        again = run_submission(root / "submission.tar", track, _opts(root, data_home), echo=lines.append)
     assert again.run_dir == first.run_dir
     assert again.document["tasks"] == first.document["tasks"]
     assert sum("0 encoder calls" in line for line in lines) == 2 * len(track.train_tasks)  # train + test stores
@@ -164,6 +171,12 @@ class TestCli:
         errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1 and "--device cuda" in errors[0] and "use --device cpu" in errors[0]
         assert "Extracting" not in result.output and not (tmp_path / "out").exists()
+
+    @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks a machine without CUDA")
+    def test_demo_on_a_missing_gpu_stops_before_any_work(self, tmp_path):
+        result = CliRunner().invoke(eval_cli, ["demo", "--out", str(tmp_path / "demo"), "--device", "cuda:1", "--quiet"])
+        assert result.exit_code == 3 and "--device cuda:1" in result.output, result.output
+        assert not (tmp_path / "demo").exists()
 
     def test_run_cli_prints_table(self, world):
         root, data_home, _ = world

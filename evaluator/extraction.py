@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from evaluator.errors import ConfigError, DataError, SandboxError, first_line
-from evaluator.features import Failure, FeatureStore, PendingClip
+from evaluator.features import Failure, FeatureStore, PendingClip, numpy_dtype
 from evaluator.submission.manifest import SAMPLE_RATE
 
 if TYPE_CHECKING:  # types only: extraction needs no sandbox or submission code at run time
@@ -45,6 +45,7 @@ if TYPE_CHECKING:  # types only: extraction needs no sandbox or submission code 
     from evaluator.submission.manifest import Manifest
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
+BATCHINGS = ("padded", "equal_length", "alone")  # see ExtractionConfig.batching
 MAX_REASONS = 5  # failure reasons repeated in an error message
 
 
@@ -58,17 +59,20 @@ class ClipLike(Protocol):
 
 @dataclass(frozen=True)
 class ExtractionConfig:
-    """How the work is cut and checked; none of it changes the stored features (not in the key)."""
+    """How the work is cut and checked. Only ``batching`` can change features (of an encoder the
+    probe found padding-sensitive), so callers put a non-default value into the store key."""
 
     # batching
     batch_clips: int = 16  # most items (clips or windows) per encoder call
     batch_seconds: float = 480.0  # most padded audio per call: longest item (s) x items
+    batching: str = "padded"  # "padded" | "equal_length" | "alone": the probe's verdict on padding
     sort_buffer: int = 512  # clips read ahead and sorted by length before batching ...
     buffer_seconds: float = 3600.0  # ... but no more audio than this (s): ~230 MB of float32 at 16 kHz
     shard_bytes: int = 256 << 20  # features (in the store dtype) per shard file
     # output checks
     frame_tolerance: float = 0.1  # allowed |T - duration/hop| as a fraction of duration/hop ...
     frame_slack: int = 2  # ... plus this many frames (convolution edges, centring)
+    fixed_frames: int | None = None  # frames "fixed": the count the probe measured (None: not checked)
     # failure policy
     max_failed_fraction: float = 0.01  # clips the encoder may fail on before the submission fails
     max_consecutive_failures: int = 8  # a run of failed clips this long fails it at once
@@ -82,6 +86,8 @@ class ExtractionConfig:
             raise ConfigError(f"max_failed_fraction must be in [0, 1], got {self.max_failed_fraction}")
         if self.max_consecutive_failures < 1:
             raise ConfigError("max_consecutive_failures must be at least 1")
+        if self.batching not in BATCHINGS:
+            raise ConfigError(f"batching must be one of {', '.join(BATCHINGS)}, got {self.batching!r}")
 
 
 @dataclass(frozen=True)
@@ -147,15 +153,20 @@ def output_problems(
     t, d = arr.shape
     if d != manifest.output_dim:
         problems.append(f"expected D = output_dim = {manifest.output_dim}, got D = {d}")
-    want = expected_frames(num_samples, manifest)
-    allowed = config.frame_slack + config.frame_tolerance * want
-    if t < 1:
-        problems.append(f"no frames for {num_samples / SAMPLE_RATE:.3f} s of audio (expected ~{want:.1f})")
-    elif abs(t - want) > allowed:
-        problems.append(
-            f"T = {t} frames for {num_samples / SAMPLE_RATE:.3f} s of audio, expected {want:.1f} +- {allowed:.1f} "
-            f"(frame_hop_ms = {manifest.frame_hop_ms:g})"
-        )
+    if manifest.fixed_frames:
+        if t < 1 or (config.fixed_frames is not None and t != config.fixed_frames):
+            problems.append(f"T = {t} frames for {num_samples / SAMPLE_RATE:.3f} s of audio; the encoder declares "
+                            f"a fixed count and gave {config.fixed_frames} to the probe")
+    else:
+        want = expected_frames(num_samples, manifest)
+        allowed = config.frame_slack + config.frame_tolerance * want
+        if t < 1:
+            problems.append(f"no frames for {num_samples / SAMPLE_RATE:.3f} s of audio (expected ~{want:.1f})")
+        elif abs(t - want) > allowed:
+            problems.append(
+                f"T = {t} frames for {num_samples / SAMPLE_RATE:.3f} s of audio, expected {want:.1f} +- {allowed:.1f} "
+                f"(frame_hop_ms = {manifest.frame_hop_ms:g})"
+            )
     if arr.dtype in FLOAT_DTYPES and arr.size and not np.isfinite(arr).all():
         bad = int(arr.size - np.isfinite(arr).sum())
         problems.append(f"{bad} of {arr.size} values are NaN or infinite")
@@ -180,11 +191,14 @@ class _Piece:
 
 
 def _batches(pieces: Sequence[_Piece], config: ExtractionConfig) -> Iterator[list[_Piece]]:
-    """Pieces sorted by length, cut into calls under both the item and the padded-seconds caps."""
+    """Pieces sorted by length, cut into calls under both the item and the padded-seconds caps; for a
+    padding-sensitive encoder only pieces of one length share a call (or none do)."""
     batch: list[_Piece] = []
     for p in sorted(pieces, key=lambda p: len(p.wave)):
         longest = max([len(p.wave)] + [len(q.wave) for q in batch])
-        if batch and (len(batch) + 1 > config.batch_clips
+        apart = config.batching == "alone" or (config.batching == "equal_length" and longest != len(batch[0].wave)
+                                                if batch else False)
+        if batch and (apart or len(batch) + 1 > config.batch_clips
                       or longest * (len(batch) + 1) / SAMPLE_RATE > config.batch_seconds):
             yield batch
             batch = []
@@ -495,7 +509,7 @@ def spot_check(
     missing = [k for k in keys if k not in clips_by_key]
     if missing:
         raise DataError(f"spot check: {len(missing)} sampled clips are not in the data given (e.g. {missing[0]!r})")
-    dtype = np.dtype(store.key.dtype)
+    dtype = numpy_dtype(store.key.dtype)
     waves = [_prepare_audio(clips_by_key[k], store.key.crop_seconds) for k in keys]
     results = _Encoder(runtime, manifest, config).encode(keys, waves, store.key.window_seconds) if keys else []
     max_diff, worst, worst_excess = 0.0, None, -math.inf

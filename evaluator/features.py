@@ -45,7 +45,7 @@ from evaluator.fileio import atomic_write_text, sha256_file
 log = logging.getLogger(__name__)
 
 STORE_VERSION = 1  # bump when the layout or what is stored changes: every old key becomes a miss
-DTYPES = ("float16", "float32")
+DTYPES = ("float16", "bfloat16", "float32")  # bfloat16: float32's range in half the bytes, 8-bit mantissa
 DEFAULT_SHARD_BYTES = 256 << 20  # ~256 MiB of features per shard file
 KEY_NAME = "key.json"
 INDEX_NAME = "index.json"
@@ -54,6 +54,19 @@ DONE_NAME = "DONE"
 SHARD_DIR = "shards"
 DIGEST_CHARS = 32  # hex characters of the key digest used as the directory name (128 bits)
 FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """The numpy dtype of a store dtype name (bfloat16 comes from ml_dtypes, onnx's own dependency)."""
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+class FeatureRangeError(SubmissionError):
+    """Features beyond the store dtype's range; the runner redoes the split in float32."""
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -353,7 +366,7 @@ class FeatureStore:
         name = f"{len(c.shards):06d}"
         while (self.path / SHARD_DIR / f"{name}.json").exists():  # never overwrite a finished shard
             name = f"{int(name) + 1:06d}"
-        dtype = np.dtype(self.key.dtype)
+        dtype = numpy_dtype(self.key.dtype)
         if clips:
             stacked = np.concatenate([p.features for p in clips], axis=0)
         else:
@@ -393,15 +406,15 @@ class FeatureStore:
         """``features`` in the store dtype (halves what waits in memory for the next shard).
 
         Raises:
-            SubmissionError: values beyond float16's range (they would be stored as inf).
+            FeatureRangeError: values beyond float16's range (they would be stored as inf).
         """
-        dtype = np.dtype(self.key.dtype)
+        dtype = numpy_dtype(self.key.dtype)
         if dtype == np.float16 and features.dtype != np.float16 and features.size:
             peak = float(np.abs(features).max())
             if peak > FLOAT16_MAX:
-                raise SubmissionError(
+                raise FeatureRangeError(
                     f"features of clip {clip_key} reach {peak:.4g}, beyond float16's range ({FLOAT16_MAX:g})",
-                    reasons=["rescale the encoder's output, or store float32 features (--dtype float32)"],
+                    reasons=["store them as float32 or bfloat16 (--feature-dtype), or rescale the encoder's output"],
                 )
         return features.astype(dtype, copy=False)
 
@@ -434,7 +447,10 @@ class FeatureStore:
     # ---- reading -------------------------------------------------------------------------
     def shard_array(self, name: str) -> np.ndarray:
         """A shard memory-mapped read-only, [frames, D]."""
-        return np.load(self.path / SHARD_DIR / f"{name}.npy", mmap_mode="r")
+        arr = np.load(self.path / SHARD_DIR / f"{name}.npy", mmap_mode="r")
+        if arr.dtype.kind == "V":  # .npy has no name for bfloat16: it reads back as raw 2-byte records
+            arr = arr.view(numpy_dtype(self.key.dtype))
+        return arr
 
     def features(self, key: str) -> np.ndarray:
         """The stored [T, D] features of one clip (a fresh in-memory copy)."""

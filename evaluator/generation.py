@@ -237,7 +237,7 @@ def generate(model: AudioLLM, dataset, options: DecodingOptions = DecodingOption
 
 
 def _features(model: AudioLLM, dataset, i: int) -> torch.Tensor:
-    feats = np.asarray(dataset.features(i), dtype=np.float32)
+    feats = np.array(dataset.features(i), dtype=np.float32)  # a copy: torch wants writable memory
     if feats.ndim != 2 or feats.shape[0] == 0 or feats.shape[1] != model.config.encoder_dim:
         raise DataError(f"task {dataset.task}, item {dataset.key(i)}: features have shape {feats.shape}, "
                         f"expected [T>0, {model.config.encoder_dim}]")

@@ -23,18 +23,18 @@ import platform
 import random
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from evaluator.data import SkipReport, TaskSpec, TrackSpec, clips_by_key, get_track, iter_clips, shard_digests
 from evaluator.errors import DataError, SubmissionError, XaresError, first_line
 from evaluator.extraction import ExtractionConfig, extract, sample_keys, spot_check
-from evaluator.features import FeatureStore, StoreKey
+from evaluator.features import FeatureRangeError, FeatureStore, StoreKey
 from evaluator.fileio import DigestCache, atomic_write_text
 from evaluator.sandbox import Limits, open_runtime
 from evaluator.submission.archive import unpacked
 from evaluator.submission.manifest import Manifest
-from evaluator.submission.probe import run_probe
+from evaluator.submission.probe import ProbeReport, run_probe
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class RunOptions:
     compile: str = "auto"  # graph capture of the decoder: auto (on CUDA) | on | off; never changes the keys
     seed: int | None = None  # None: the track's seed (42)
     machine: str = field(default_factory=platform.node)  # recorded in results.json
-    feature_dtype: str = "float16"  # storage dtype of the features
+    feature_dtype: str = "auto"  # storage dtype of the features; auto: float16 when the probe's range fits, else float32
     store_root: Path | None = None  # None: <out>/features
     memory_mb: int | None = None  # encoder memory cap; None: the manifest's resources.memory_mb
     gpu: bool = False  # give the encoder a GPU (fails with a message when none is usable)
@@ -112,7 +112,7 @@ def run_submission(archive: Path, track: TrackSpec, opts: RunOptions, *, echo: E
     with unpacked(archive) as sub:
         root, manifest, sub_sha = sub.root, sub.manifest, sub.sha256
         echo(f"  - {manifest.name} ({manifest.team}): {manifest.kind}, D = {manifest.output_dim}, "
-             f"hop {manifest.frame_hop_ms:g} ms, sha256 {sub_sha[:12]}")
+             f"{manifest.describe_frames()}, sha256 {sub_sha[:12]}")
         # fail now, not after hours of extraction: the decoder must be there and the device usable
         from evaluator.hub import check_decoder
 
@@ -128,7 +128,10 @@ def run_submission(archive: Path, track: TrackSpec, opts: RunOptions, *, echo: E
                                       reasons=probe.reasons)
             echo(f"  - probe: {len(probe.checks)} checks passed on {sandbox.get().device} "
                  f"({sandbox.get().isolation})")
-            stages = _Stages(sub_sha, manifest, opts, sandbox, echo, device)
+            if probe.batching != "padded":
+                echo(f"  - padding changes this encoder's frames ({probe.padding_cause}): clips are encoded "
+                     + ("in batches of equal length" if probe.batching == "equal_length" else "one at a time"))
+            stages = _Stages(sub_sha, manifest, opts, sandbox, echo, device, probe)
             if train_track.name != track.name:
                 echo(f"  - {track.name} is scored with the decoder of track {train_track.name}, trained on its data")
             train_stores = stages.extract_split(train_track.train_tasks, "train", required=True)
@@ -216,9 +219,13 @@ class _Stages:
     """The stages of one run, sharing the submission, the options and the sandbox."""
 
     def __init__(self, sub_sha: str, manifest: Manifest, opts: RunOptions, sandbox: _OnFirstUse, echo: Echo,
-                 device: str):
+                 device: str, probe: ProbeReport):
         self.sub_sha, self.manifest, self.opts, self.sandbox, self.echo = sub_sha, manifest, opts, sandbox, echo
         self.device = device  # "cpu" | "cuda:N"
+        # what the organizer's own probe measured decides how this encoder is run and stored
+        self.extraction = ExtractionConfig(batching=probe.batching, fixed_frames=probe.fixed_frames)
+        self.fixed_frames = probe.fixed_frames
+        self.feature_dtype = probe.feature_dtype if opts.feature_dtype == "auto" else opts.feature_dtype
         self.store_root = opts.store_root or Path(opts.out) / "features"
         self.skips: dict[str, dict] = {}  # "<task>/<split>" -> skip counts
         self.errors: dict[str, str] = {}  # eval task id -> why it could not be extracted
@@ -244,8 +251,21 @@ class _Stages:
         settings = [("label_keys", ";".join(task.keys(split)))]
         if self.opts.limit_clips:
             settings.append(("limit", str(self.opts.limit_clips)))
-        key = StoreKey.for_shards(self.sub_sha, digests, task=task.id, split=split, dtype=self.opts.feature_dtype,
+        if self.extraction.batching != "padded":  # unpadded encoding gives other features for such encoders
+            settings.append(("batching", self.extraction.batching))
+        key = StoreKey.for_shards(self.sub_sha, digests, task=task.id, split=split, dtype=self.feature_dtype,
                                   window_seconds=self.manifest.max_audio_seconds, settings=tuple(settings))
+        try:
+            return self._fill(task, split, key)
+        except FeatureRangeError as e:
+            if self.opts.feature_dtype != "auto":
+                raise
+            # louder data than the probe's: never fail a valid submission on range, store float32 instead
+            self.echo(f"  - {task.id}: {e}; storing this split as float32")
+            FeatureStore.open(self.store_root, key).clear()
+            return self._fill(task, split, replace(key, dtype="float32"))
+
+    def _fill(self, task: TaskSpec, split: str, key: StoreKey) -> FeatureStore:
         store = FeatureStore.open(self.store_root, key)
         skips = SkipReport(task=task.id, split=split)
         if store.complete:
@@ -254,7 +274,7 @@ class _Stages:
         clips = iter_clips(task, split, data_home=self.opts.data_home, report=skips,
                            download=self.opts.download, limit=self.opts.limit_clips)
         with _progress(self.opts.progress, f"{task.id} ({split})") as tick:
-            report = extract(self.sandbox.get(), clips, store, self.manifest, ExtractionConfig(), progress=tick)
+            report = extract(self.sandbox.get(), clips, store, self.manifest, self.extraction, progress=tick)
         self.skips[f"{task.id}/{split}"] = {"clips": skips.clips, "skipped": skips.skipped,
                                              "reasons": dict(skips.counts)}
         note = f", {skips.skipped} unreadable samples skipped" if skips.skipped else ""
@@ -274,7 +294,7 @@ class _Stages:
         n = min(len(store.entries), max(SPOT_CHECK_MIN_CLIPS, round(self.opts.spot_check * len(store.entries))))
         wanted = set(sample_keys(store, n=n, seed=rng.randrange(2**31)))
         clips = clips_by_key(task, "test", wanted, data_home=self.opts.data_home)
-        report = spot_check(self.sandbox.get(), clips, store, self.manifest)
+        report = spot_check(self.sandbox.get(), clips, store, self.manifest, config=self.extraction)
         self.echo(f"  - spot check on {task.id}: {len(report.checked)} clips re-extracted, "
                   f"max |diff| {report.max_abs_diff:.3g}: ok")
 
@@ -285,6 +305,17 @@ class _Stages:
     def max_steps(self, track: TrackSpec) -> int:
         return self.opts.max_steps if self.opts.max_steps is not None else track.max_steps
 
+    def _crop(self, track: TrackSpec) -> tuple[int | None, int]:
+        """(crop_frames, crop_align) for training: crop_audio_length seconds of frames. A fixed-frame
+        encoder saw the audio in windows of max_audio_seconds, each giving the same count: whole windows."""
+        if not track.crop_audio_length:
+            return None, 1
+        if self.manifest.fixed_frames:
+            per_window = self.fixed_frames or 1
+            windows = max(1, int(track.crop_audio_length // self.manifest.max_audio_seconds))
+            return windows * per_window, per_window
+        return max(1, round(track.crop_audio_length * self.manifest.frames_per_second)), 1
+
     def train(self, track: TrackSpec, stores: dict[str, FeatureStore], sub_dir: Path):
         from evaluator.model import ModelConfig, build_model
         from evaluator.training import TrainConfig, train
@@ -292,13 +323,13 @@ class _Stages:
         decoder = self.decoder_name(track)
         model_cfg = ModelConfig(encoder_dim=self.manifest.output_dim, decoder=decoder,
                                 dtype="bfloat16" if self.opts.precision == "bf16" else "float32")
-        fps = self.manifest.frames_per_second
+        crop = self._crop(track)
         train_cfg = TrainConfig(
             max_steps=self.max_steps(track), learning_rate=track.learning_rate, warmup_steps=track.warmup_steps,
             weight_decay=track.weight_decay, max_grad_norm=track.max_grad_norm,
             batch_size=track.per_device_train_batch_size,
             seed=self.opts.seed if self.opts.seed is not None else track.seed,
-            crop_frames=max(1, round(track.crop_audio_length * fps)) if track.crop_audio_length else None,
+            crop_frames=crop[0], crop_align=crop[1],
             precision=self.opts.precision, threads=self.opts.threads, device=self.device, compile=self.opts.compile,
             checkpoint_every=min(self.opts.checkpoint_every, self.max_steps(track)),
         )

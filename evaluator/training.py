@@ -64,6 +64,7 @@ class TrainConfig:
     batch_size: int = 4
     sort_buffer: int = 128  # examples drawn, sorted by length and cut into batches at a time
     crop_frames: int | None = None  # random crop of longer clips (30 s of the encoder's frames); None: off
+    crop_align: int = 1  # crops start at a multiple of this (a fixed-frame encoder's frames per window)
     seed: int = 42
     # execution (these do not change the result, except precision)
     precision: str = "fp32"  # fp32: deterministic and reproducible | bf16: autocast, faster, not bitwise stable
@@ -87,6 +88,8 @@ class TrainConfig:
             problems.append(f"need 1 <= batch_size <= sort_buffer (got {self.batch_size}, {self.sort_buffer})")
         if self.crop_frames is not None and self.crop_frames < 1:
             problems.append(f"crop_frames must be >= 1 or None (got {self.crop_frames})")
+        if self.crop_align < 1:
+            problems.append(f"crop_align must be >= 1 (got {self.crop_align})")
         if self.precision not in PRECISIONS:
             problems.append(f"precision must be one of {PRECISIONS} (got {self.precision!r})")
         if self.threads is not None and self.threads < 1:
@@ -101,6 +104,8 @@ class TrainConfig:
     def identity(self) -> dict:
         """The fields that shape the trained weights (a checkpoint is only resumed when they match)."""
         skip = {"threads", "device", "compile", "compile_backend", "checkpoint_every", "keep_checkpoints", "log_every"}
+        if self.crop_align == 1:  # the default leaves the identity of every earlier run unchanged
+            skip.add("crop_align")
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 
@@ -184,14 +189,14 @@ class BatchSampler:
                 if misses > 10 * cfg.sort_buffer + sum(len(x) for x in self.datasets):
                     raise DataError(f"task {ds.task}: no item has a non-empty target text")
                 continue
-            feats = np.asarray(ds.features(i), dtype=np.float32)
+            feats = np.array(ds.features(i), dtype=np.float32)  # a copy: torch wants writable memory
             if feats.ndim != 2 or feats.shape[0] == 0 or feats.shape[1] != self.model.config.encoder_dim:
                 raise DataError(f"task {ds.task}, item {ds.key(i)}: features have shape {feats.shape}, expected "
                                 f"[T>0, {self.model.config.encoder_dim}]")
             if not np.isfinite(feats).all():
                 raise DataError(f"task {ds.task}, item {ds.key(i)}: features contain NaN or Inf")
             if cfg.crop_frames and feats.shape[0] > cfg.crop_frames:
-                start = int(rng.integers(0, feats.shape[0] - cfg.crop_frames + 1))
+                start = cfg.crop_align * int(rng.integers(0, (feats.shape[0] - cfg.crop_frames) // cfg.crop_align + 1))
                 feats = feats[start : start + cfg.crop_frames]
             prompt = self.model.prompt_ids(ds.prompt)
             for text in targets:

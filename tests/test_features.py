@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from evaluator.errors import ConfigError, DataError, SubmissionError
-from evaluator.features import DONE_NAME, Failure, FeatureStore, PendingClip, StoreKey
+from evaluator.features import DONE_NAME, Failure, FeatureRangeError, FeatureStore, PendingClip, StoreKey
 
 SUB = "ab" * 32
 
@@ -99,10 +99,27 @@ class TestRoundTrip:
         store = FeatureStore.open(tmp_path, key())
         clips = pending(2)
         clips[1].features[0, 0] = 1e6
-        with pytest.raises(SubmissionError, match="beyond float16") as e:
+        with pytest.raises(FeatureRangeError, match="beyond float16") as e:
             store.write_shard(clips)
-        assert "--dtype float32" in e.value.reasons[0]
+        assert isinstance(e.value, SubmissionError) and "--feature-dtype" in e.value.reasons[0]
         assert not list((store.path / "shards").iterdir())
+
+    @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+    def test_wide_dtypes_hold_what_float16_cannot(self, tmp_path, dtype):
+        store = FeatureStore.open(tmp_path, key(dtype=dtype))
+        clips = pending(2)
+        clips[1].features[0, 0] = 7.1e4
+        store.write_shard(clips)
+        store.finalize({})
+        reopened = FeatureStore.open(tmp_path, key(dtype=dtype))
+        got = reopened.features(clips[1].key).astype(np.float32)
+        rtol = 2**-8 if dtype == "bfloat16" else 0  # bfloat16 keeps 8 bits of mantissa
+        np.testing.assert_allclose(got, clips[1].features, rtol=rtol, atol=0)
+        ds = reopened.dataset(prompt="p")
+        assert str(ds.features(1).dtype) == dtype and np.isfinite(np.asarray(ds.features(1), np.float32)).all()
+        if dtype == "bfloat16":  # half float32's bytes
+            assert (store.path / "shards" / "000000.npy").stat().st_size < 2 * 2 * sum(
+                c.features.size for c in clips) + 256
 
     def test_an_incomplete_store_is_no_dataset(self, tmp_path):
         store = FeatureStore.open(tmp_path, key())

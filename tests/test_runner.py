@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from evaluator.cli import eval_cli
 from evaluator.data import generate_demo, get_track, iter_clips
+from evaluator.errors import SubmissionError
 from evaluator.resources import schema_errors, template_dir
 from evaluator.runner import RunOptions, run_submission
 
@@ -106,6 +107,60 @@ def test_a_task_with_missing_data_fails_alone(world, tmp_path):
     assert [s for t, s in status.items() if t != victim.id] == ["ok"] * (len(status) - 1)
     failed = next(t for t in outcome.document["tasks"] if t["task"] == victim.id)
     assert failed["score"] == 0 and "missing" in failed["error"]
+
+
+def _onnx_submission(folder: Path, out: Path, **model) -> Path:
+    """A submission.tar of a tiny onnx.helper encoder (tests/resources), built with the real build."""
+    from resources.encoders.onnx_models import make_onnx
+
+    from evaluator.submission.build import BuildOptions, build
+
+    folder.mkdir(parents=True)
+    make_onnx(folder / "model.onnx", **model)
+    (folder / "manifest.json").write_text(json.dumps({"name": folder.name, "team": "tests"}))
+    build(folder, out, BuildOptions(source="onnx"))
+    return out
+
+
+def _store_dtypes(out: Path) -> set[str]:
+    return {json.loads(p.read_text())["dtype"] for p in (out / "features").glob("*/key.json")}
+
+
+class TestMeasuredEncoders:
+    """What the probe measured decides how `run` extracts and stores; nothing that validates fails on it."""
+
+    def test_large_outputs_are_stored_in_float32_and_run(self, world, tmp_path):
+        root, data_home, track = world
+        tar = _onnx_submission(tmp_path / "loud", tmp_path / "loud.tar", gain=3e4)
+        outcome = run_submission(tar, track, _opts(root, data_home, out=tmp_path / "out"), echo=lambda s: None)
+        assert all(t["status"] == "ok" for t in outcome.document["tasks"])
+        assert _store_dtypes(tmp_path / "out") == {"float32"}
+
+    def test_data_louder_than_the_probe_is_redone_in_float32(self, world, tmp_path, monkeypatch):
+        import evaluator.submission.probe as probe
+
+        root, data_home, track = world
+        tar = _onnx_submission(tmp_path / "loud", tmp_path / "loud.tar", gain=1e6)
+        monkeypatch.setattr(probe, "RANGE_MARGIN", 0.0)  # the probe now says float16 fits: data proves it wrong
+        lines: list[str] = []
+        outcome = run_submission(tar, track, _opts(root, data_home, out=tmp_path / "out"), echo=lines.append)
+        assert all(t["status"] == "ok" for t in outcome.document["tasks"])
+        assert any("beyond float16's range" in x and "storing this split as float32" in x for x in lines)
+        assert "float32" in _store_dtypes(tmp_path / "out")
+        # an explicit dtype is the organizer's choice: it fails instead of silently changing
+        with pytest.raises(SubmissionError, match="beyond float16"):
+            run_submission(tar, track, _opts(root, data_home, out=tmp_path / "out2", feature_dtype="float16"),
+                           echo=lambda s: None)
+
+    def test_padding_sensitive_encoder_runs_unpadded(self, world, tmp_path):
+        root, data_home, track = world
+        tar = _onnx_submission(tmp_path / "norm", tmp_path / "norm.tar", ignores_mask=True)
+        lines: list[str] = []
+        outcome = run_submission(tar, track, _opts(root, data_home, out=tmp_path / "out"), echo=lines.append)
+        assert all(t["status"] == "ok" for t in outcome.document["tasks"])
+        assert any("padding changes this encoder's frames" in x and "equal length" in x for x in lines)
+        settings = [json.loads(p.read_text())["settings"] for p in (tmp_path / "out" / "features").glob("*/key.json")]
+        assert settings and all(s.get("batching") == "equal_length" for s in settings)
 
 
 class TestCli:

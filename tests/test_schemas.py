@@ -45,8 +45,41 @@ def test_schema_is_valid_2020_12_with_id_and_version(name):
     schema = load_schema(name)
     jsonschema.Draft202012Validator.check_schema(schema)
     assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
-    assert schema["$id"].endswith(f"/{name}/1")
-    assert schema["properties"]["schema_version"] == {"const": 1}
+    version = {"submission": 2}.get(name, 1)
+    assert schema["$id"].endswith(f"/{name}/{version}")
+    assert schema["properties"]["schema_version"] in ({"const": 1}, {"enum": list(range(1, version + 1))})
+
+
+class TestManifestVersions:
+    """Version 2 adds frames, weights_dtype and measured; every version 1 manifest stays valid."""
+
+    V2_FIXED = {**{k: v for k, v in ONNX_MANIFEST.items() if k != "frame_hop_ms"}, "schema_version": 2,
+                "frames": "fixed", "weights_dtype": "float16",
+                "measured": {"fixed_frames": 1500, "feature_peak": 7.1e4, "feature_dtype": "float32",
+                             "batching": "equal_length", "padding_cause": "normalisation over time"}}
+
+    def test_version_1_still_valid_and_round_trips_unchanged(self):
+        m = Manifest.from_dict(ONNX_MANIFEST)
+        assert m.frames == "follows_audio" and m.frames_per_second == 50
+        assert m.to_dict() == {**ONNX_MANIFEST, "description": ""}  # defaults filled, no version 2 field
+
+    def test_version_2_fixed_frames_needs_no_hop(self):
+        m = Manifest.from_dict(self.V2_FIXED)
+        assert m.fixed_frames and m.frame_hop_ms is None and m.frames_per_second is None
+        assert m.describe_frames() == "a fixed 1500 frames per clip"
+        assert m.to_dict() == {**self.V2_FIXED, "description": ""}
+
+    def test_version_2_following_audio_still_needs_the_hop(self):
+        doc = {**self.V2_FIXED, "frames": "follows_audio"}
+        with pytest.raises(SubmissionError) as e:
+            Manifest.from_dict(doc)
+        assert any("frame_hop_ms" in r for r in e.value.reasons)
+
+    @pytest.mark.parametrize("field", ["frames", "weights_dtype", "measured"])
+    def test_version_2_fields_are_refused_in_version_1(self, field):
+        doc = {**ONNX_MANIFEST, field: self.V2_FIXED[field]}
+        with pytest.raises(SubmissionError):
+            Manifest.from_dict(doc)
 
 
 def test_every_schema_file_is_listed():

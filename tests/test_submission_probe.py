@@ -167,13 +167,15 @@ class TestProbe:
             "memory",
         }
         assert report.to_dict()["ok"] is True
+        assert report.batching == "padded" and report.padding_cause is None
+        assert report.fixed_frames is None and report.feature_dtype == "float16"
+        assert 0 < report.feature_peak < 100
 
     @pytest.mark.parametrize(
         "model, manifest_kw, check, words",
         [
             ({"nan": True}, {}, "finite", "NaN"),
             ({"random": True}, {}, "deterministic", "differ"),
-            ({"ignores_mask": True}, {}, "padding", "padded"),
             ({"rank2": True}, {}, "runs", "rank 3"),
             ({"sample_mask_out": True}, {}, "runs", "frame mask length"),
             ({}, {"dim": 16}, "runs", "manifest output_dim is 16"),
@@ -197,3 +199,62 @@ class TestProbe:
         with start(tmp_path) as rt:
             report = run_probe(rt, manifest_for(), replace(FAST, max_seconds_per_audio_second=1e-9))
         assert failed(report) == {"speed"}
+
+
+class TestMeasured:
+    """What the probe measures instead of refusing: padding sensitivity, output range, fixed frames."""
+
+    def test_normalisation_over_time_is_encoded_in_equal_length_batches(self, tmp_path):
+        with start(tmp_path, ignores_mask=True) as rt:
+            report = run_probe(rt, manifest_for(), FAST)
+        assert report.ok, report.reasons
+        assert report.batching == "equal_length"
+        assert report.padding_max_rel_diff > FAST.padding_rtol
+        assert "normalisation over time" in report.padding_cause
+        detail = next(c.detail for c in report.checks if c.name == "padding")
+        assert "equal-length" in detail and "never reaches them" in detail
+        assert report.unbatched_cost is not None and report.unbatched_cost > 0
+        assert report.measured()["batching"] == "equal_length"
+
+    def test_reflect_padding_is_named_as_an_edge_effect(self, tmp_path):
+        with start(tmp_path, reflect_edge=True) as rt:
+            report = run_probe(rt, manifest_for(), FAST)
+        assert report.ok, report.reasons
+        assert report.batching == "equal_length"
+        assert report.padding_cause.startswith("only the last 1 frame(s) change")
+
+    def test_items_that_change_each_other_are_encoded_alone(self, tmp_path):
+        with start(tmp_path, batch_mean=True) as rt:
+            report = run_probe(rt, manifest_for(), FAST)
+        assert report.ok, report.reasons
+        assert report.batching == "alone" and "state shared across the batch" in report.padding_cause
+
+    def test_large_outputs_choose_float32_storage(self, tmp_path):
+        with start(tmp_path, gain=5000.0) as rt:
+            report = run_probe(rt, manifest_for(), FAST)
+        assert report.ok, report.reasons
+        assert report.feature_peak > 65504 / 8 and report.feature_dtype == "float32"
+
+    def test_clip_level_encoder_with_frames_fixed(self, tmp_path):
+        m = manifest_for(mask_output=False, schema_version=2, frames="fixed")
+        m = Manifest.from_dict({k: v for k, v in m.to_dict().items() if k != "frame_hop_ms"})
+        with start(tmp_path, m, clip_level=True, mask_output=False) as rt:
+            report = run_probe(rt, m, FAST)
+            assert [o.shape for o in rt.encode([np.ones(160, np.float32), np.ones(48000, np.float32)])] == [
+                (1, 8), (1, 8)]
+        assert report.ok, report.reasons
+        assert report.fixed_frames == 1 and set(report.frames) == {1}
+
+    def test_fixed_count_declared_as_following_audio_suggests_frames_fixed(self, tmp_path):
+        m = manifest_for(mask_output=False)
+        with start(tmp_path, m, clip_level=True, mask_output=False) as rt:
+            report = run_probe(rt, m, FAST)
+        assert failed(report) == {"frame_rate"}
+        assert '"frames": "fixed"' in report.reasons[0]
+
+    def test_frames_fixed_but_varying_counts_is_refused(self, tmp_path):
+        m = manifest_for(schema_version=2, frames="fixed")
+        with start(tmp_path, m) as rt:
+            report = run_probe(rt, m, FAST)
+        assert failed(report) == {"frame_rate"}
+        assert "different frame counts" in report.reasons[0]

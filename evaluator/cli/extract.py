@@ -40,8 +40,9 @@ An interrupted run resumes where it stopped.""",
               help="Split name recorded in the store key.")
 @click.option("--label-keys", default=GENERIC_LABEL_KEYS, show_default=True,
               help="JSON keys tried in order for a clip's targets (';'-separated).")
-@click.option("--dtype", type=click.Choice(DTYPES), default="float16", show_default=True,
-              help="Storage dtype of the features.")
+@click.option("--dtype", "--feature-dtype", "dtype", type=click.Choice(("auto", *DTYPES)), default="auto",
+              show_default=True,
+              help="Storage dtype of the features (auto: the build's measured choice, float16 when the range fits).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N clips (default: all).")
 @click.option("--batch-clips", type=click.IntRange(min=1), default=16, show_default=True,
               help="Most clips (or windows) per encoder call.")
@@ -83,11 +84,18 @@ def extract(submission: Path, patterns: tuple[str, ...], out: Path, task: str, s
     with unpacked(submission, workdir=work_dir) as sub:
         root, manifest, sub_sha = sub.root, sub.manifest, sub.sha256
         click.echo(f"  - {manifest.name} by {manifest.team}: {manifest.kind}, D = {manifest.output_dim}, "
-                   f"hop {manifest.frame_hop_ms:g} ms, windows of {manifest.max_audio_seconds:g} s")
+                   f"{manifest.describe_frames()}, windows of {manifest.max_audio_seconds:g} s")
         click.echo(f"  - sha256 {sub_sha}")
 
         digests = shard_digests(spec, split, download=False)
+        # what the build measured (schema 2): batching of a padding-sensitive encoder, range, fixed frames
+        measured = manifest.measured
+        batching = measured.get("batching", "padded")
+        if dtype == "auto":
+            dtype = measured.get("feature_dtype", "float16")
         settings = [("label_keys", ";".join(keys))] + ([("limit", str(limit))] if limit else [])
+        if batching != "padded":
+            settings.append(("batching", batching))
         key = StoreKey.for_shards(sub_sha, digests, task=task, split=split, dtype=dtype,
                                   window_seconds=manifest.max_audio_seconds, settings=tuple(settings))
         store = FeatureStore.open(out, key)
@@ -95,7 +103,8 @@ def extract(submission: Path, patterns: tuple[str, ...], out: Path, task: str, s
 
         limits = Limits(memory_mb=memory_mb or manifest.resources.memory_mb, cpus=cpus,
                         wall_seconds=wall_seconds, gpu=gpu)
-        config = ExtractionConfig(batch_clips=batch_clips)
+        config = ExtractionConfig(batch_clips=batch_clips, batching=batching,
+                                  fixed_frames=measured.get("fixed_frames") if manifest.fixed_frames else None)
         skips = SkipReport(task=task, split=split)
         check = None
         if store.complete and spot_fraction == 0:

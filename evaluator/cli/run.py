@@ -51,6 +51,10 @@ reuses an old checkpoint or score.""",
               show_default=True,
               help="Capture the decoder as CUDA graphs (auto: on CUDA only). fp32 replays the eager kernels "
                    "(same numbers); bf16 lets the compiler fuse them too. off: plain eager, to debug.")
+@click.option("--feature-dtype", type=click.Choice(["auto", "float16", "bfloat16", "float32"]), default="auto",
+              show_default=True,
+              help="Storage dtype of the features. auto: float16 when the probe's measured range fits it with "
+                   "room to spare, else float32 (and a split that still overflows float16 is redone in float32).")
 @click.option("--seed", type=int, default=None, help="Training seed [default: the track's, 42].")
 @click.option("--machine", default=None, help="Machine name written into results.json [default: host name].")
 @click.option("--data-home", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -75,7 +79,7 @@ reuses an old checkpoint or score.""",
 @click.option("--quiet", is_flag=True, help="No progress bars (they are off anyway when stdout is not a terminal).")
 def run(submission: Path, track: str | None, train_config: Path | None, eval_config: Path | None,
         decoder: str | None, max_steps: int | None, out: Path, precision: str, device: str, compile_mode: str,
-        seed: int | None,
+        feature_dtype: str, seed: int | None,
         machine: str | None, data_home: Path | None, hidden_config: Path | None, offline: bool,
         limit_clips: int | None, threads: int | None, checkpoint_every: int, eval_batch_size: int | None, memory_mb: int | None, gpu: bool, spot_check: float,
         quiet: bool) -> None:
@@ -100,7 +104,7 @@ def run(submission: Path, track: str | None, train_config: Path | None, eval_con
     if eval_config and not train_config:
         train_spec = resolve_track(track, data_home=data_home, hidden_config=hidden_config)
     opts = RunOptions(out=out, decoder=decoder, max_steps=max_steps, precision=precision, seed=seed,
-                      device=device, compile=compile_mode,
+                      device=device, compile=compile_mode, feature_dtype=feature_dtype,
                       data_home=data_home, hidden_config=hidden_config, download=not offline,
                       limit_clips=limit_clips, threads=threads, checkpoint_every=checkpoint_every, eval_batch_size=eval_batch_size, memory_mb=memory_mb, gpu=gpu, spot_check=spot_check,
                       progress=not quiet and sys.stdout.isatty(), **({"machine": machine} if machine else {}))

@@ -126,7 +126,7 @@ def build(
     m = result.manifest
     click.echo(
         f"Wrote {result.output} ({result.size / (1 << 20):.1f} MiB, sha256 {result.sha256}): {m.name} by {m.team}, "
-        f"{m.kind}, D={m.output_dim}, {m.frames_per_second:g} frames/s"
+        f"{m.kind}, D={m.output_dim}, {m.describe_frames()}"
     )
 
 
@@ -162,10 +162,15 @@ def validate(archive: Path, workdir: Path | None) -> None:
     _print_probe(report.probe)
     m = report.manifest
     click.echo(
-        f"{archive} is valid: {m.name} by {m.team} ({m.kind}, D={m.output_dim}, {m.frames_per_second:g} frames/s)"
+        f"{archive} is valid: {m.name} by {m.team} ({m.kind}, D={m.output_dim}, {m.describe_frames()})"
     )
 
 
 def _print_probe(report) -> None:
     for check in report.checks:
         click.echo(f"  - {check.name}: {check.detail}", err=True)
+    peak = f"{report.feature_peak:.3g}" if report.feature_peak is not None else "n/a"
+    cost = (f"; encoding without padding costs {report.unbatched_cost:.2g}x the batched time"
+            if report.batching != "padded" and report.unbatched_cost else "")
+    click.echo(f"  - measured: peak |feature| {peak} -> stored as {report.feature_dtype}; "
+               f"batching {report.batching}{cost}", err=True)

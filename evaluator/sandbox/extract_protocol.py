@@ -146,11 +146,14 @@ def _load_features(out: Path, names: list[str], entry: dict, item: dict, manifes
         return None, f"shape {list(arr.shape)}, expected [T, {manifest.output_dim}] (manifest output_dim)"
     if list(arr.shape) != list(entry["shape"]):
         return None, f"shape {list(arr.shape)} but {RESPONSE_NAME} declares {entry['shape']}"
-    expected = item["num_samples"] * 1000.0 / (SAMPLE_RATE * manifest.frame_hop_ms)
-    tolerance = max(HOP_TOLERANCE_FRAMES, HOP_TOLERANCE_RATIO * expected)
-    if arr.shape[0] < 1 or abs(arr.shape[0] - expected) > tolerance:
-        return None, (f"{arr.shape[0]} frames for {item['num_samples'] / SAMPLE_RATE:g} s, expected about "
-                      f"{expected:.0f} at frame_hop_ms={manifest.frame_hop_ms:g}")
+    if arr.shape[0] < 1:
+        return None, f"no frames for {item['num_samples'] / SAMPLE_RATE:g} s"
+    if not manifest.fixed_frames:  # a fixed count is checked against the probe's by extraction
+        expected = item["num_samples"] * 1000.0 / (SAMPLE_RATE * manifest.frame_hop_ms)
+        tolerance = max(HOP_TOLERANCE_FRAMES, HOP_TOLERANCE_RATIO * expected)
+        if abs(arr.shape[0] - expected) > tolerance:
+            return None, (f"{arr.shape[0]} frames for {item['num_samples'] / SAMPLE_RATE:g} s, expected about "
+                          f"{expected:.0f} at frame_hop_ms={manifest.frame_hop_ms:g}")
     if not np.isfinite(arr).all():
         bad = int(arr.size - np.isfinite(arr).sum())
         return None, f"{bad} NaN or infinite value(s)"

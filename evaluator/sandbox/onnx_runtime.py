@@ -118,7 +118,8 @@ class OnnxRuntime:
         self.max_batch_samples = max_batch_samples
         self.calls = 0
         self.restarts = 0
-        self._hop_samples = manifest.frame_hop_ms * SAMPLE_RATE / 1000.0
+        # None: frames "fixed", every frame is kept (there is no hop to trim padding frames by)
+        self._hop_samples = None if manifest.fixed_frames else manifest.frame_hop_ms * SAMPLE_RATE / 1000.0
         self._out_dtype = np.dtype(manifest.output_dtype)
         self._worker: Worker | None = None
         self._peak_mb: float | None = None
@@ -427,6 +428,8 @@ class OnnxRuntime:
                 )
             keep = frame_mask.astype(bool)
             return [feats[i][keep[i]].astype(np.float32) for i in range(b)]
+        if self._hop_samples is None:
+            return [feats[i].astype(np.float32) for i in range(b)]
         expected = np.ceil(lengths / self._hop_samples).astype(int)
         longest = int(expected.max())
         if t > longest + max(HOP_TOLERANCE_FRAMES, HOP_TOLERANCE_RATIO * longest):

@@ -17,6 +17,8 @@ MANIFEST_NAME = "manifest.json"
 CHECKSUMS_NAME = "SHA256SUMS"
 BUILD_REPORT_NAME = "build_report.json"
 SAMPLE_RATE = 16000  # Hz; the only rate the contract allows
+SCHEMA_VERSION = 2  # what build writes; version 1 manifests stay valid (frames = follows_audio)
+FOLLOWS_AUDIO, FIXED = "follows_audio", "fixed"  # `frames`: T grows with the clip, or is the same for every clip
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,7 @@ class Manifest:
     team: str
     kind: str  # "onnx" | "container"
     output_dim: int
-    frame_hop_ms: float
+    frame_hop_ms: float | None  # None only when frames is "fixed"
     max_audio_seconds: float
     output_dtype: str  # "float32" | "float16"
     files: tuple[PayloadFile, ...] = ()
@@ -65,10 +67,25 @@ class Manifest:
     description: str = ""
     sample_rate: int = SAMPLE_RATE
     schema_version: int = 1
+    frames: str = FOLLOWS_AUDIO  # "follows_audio" | "fixed" (version 2)
+    weights_dtype: str = "float32"  # ONNX weights of an encoder.py export (version 2)
+    measured: dict = field(default_factory=dict)  # what the build measured; informational (version 2)
 
     @property
-    def frames_per_second(self) -> float:
-        return 1000.0 / self.frame_hop_ms
+    def fixed_frames(self) -> bool:
+        """Every clip gives the same number of frames, whatever its length (Whisper's 1500, a clip vector)."""
+        return self.frames == FIXED
+
+    @property
+    def frames_per_second(self) -> float | None:
+        return None if self.frame_hop_ms is None else 1000.0 / self.frame_hop_ms
+
+    def describe_frames(self) -> str:
+        """'50 frames/s' or 'a fixed 1500 frames per clip' (for status lines)."""
+        if self.fixed_frames:
+            n = self.measured.get("fixed_frames")
+            return f"a fixed {n} frames per clip" if n else "a fixed number of frames per clip"
+        return f"{self.frames_per_second:g} frames/s"
 
     @classmethod
     def from_dict(cls, doc: object) -> Manifest:
@@ -85,6 +102,7 @@ class Manifest:
             d["container"] = ContainerSpec(**c)
         if "resources" in d:
             d["resources"] = Resources(**d["resources"])
+        d.setdefault("frame_hop_ms", None)
         return cls(**d)
 
     @classmethod
@@ -103,6 +121,11 @@ class Manifest:
         for key in ("onnx", "container"):
             if d[key] is None:
                 del d[key]
+        if self.schema_version < 2:  # keep a version 1 manifest what it was
+            for key in ("frames", "weights_dtype", "measured"):
+                del d[key]
+        if d["frame_hop_ms"] is None:
+            del d["frame_hop_ms"]
         if d.get("container"):
             d["container"]["entrypoint"] = list(d["container"]["entrypoint"])
         return d

@@ -29,6 +29,10 @@ def make_onnx(
     sample_mask_out: bool = False,  # returns the [B, S] sample mask as the "frame" mask
     loop_iterations: int = 0,  # a busy Loop before the output (for wall-clock limits)
     external_data: bool = False,  # store the weight outside the file
+    reflect_edge: bool = False,  # reflect-pads the clip's end (as a centred STFT does): padding changes the last frame
+    batch_mean: bool = False,  # adds the mean over the batch: items of a batch change each other
+    clip_level: bool = False,  # one frame per clip: the mean over time (pair with mask_output=False)
+    gain: float = 1.0,  # scales the features (range tests)
 ) -> Path:
     rng = np.random.default_rng(0)
     weight = (rng.standard_normal((dim, 1, hop)) / np.sqrt(hop)).astype(np.float32)
@@ -37,11 +41,16 @@ def make_onnx(
         numpy_helper.from_array(np.ones((1, 1, hop), np.float32), "ONES"),
         numpy_helper.from_array(np.array([1], np.int64), "AX1"),
     ]
-    nodes = [
-        helper.make_node("Unsqueeze", ["audio", "AX1"], ["x"]),  # [B, 1, S]
-        helper.make_node("Conv", ["x", "W"], ["c"], strides=[hop], pads=[0, hop - 1]),  # [B, D, T]
-        helper.make_node("Transpose", ["c"], ["f0"], perm=[0, 2, 1]),  # [B, T, D]
-    ]
+    nodes = [helper.make_node("Unsqueeze", ["audio", "AX1"], ["x"])]  # [B, 1, S]
+    if reflect_edge:
+        inits.append(numpy_helper.from_array(np.array([0, 0, 0, 0, 0, hop - 1], np.int64), "PADS"))
+        nodes += [
+            helper.make_node("Pad", ["x", "PADS"], ["xp"], mode="reflect"),
+            helper.make_node("Conv", ["xp", "W"], ["c"], strides=[hop]),  # [B, D, T], T = ceil(S / hop)
+        ]
+    else:
+        nodes.append(helper.make_node("Conv", ["x", "W"], ["c"], strides=[hop], pads=[0, hop - 1]))
+    nodes.append(helper.make_node("Transpose", ["c"], ["f0"], perm=[0, 2, 1]))  # [B, T, D]
     last = "f0"
 
     def add(op, inputs, **kw):
@@ -60,6 +69,17 @@ def make_onnx(
         inits.append(numpy_helper.from_array(np.array([1], np.int64), "AXT"))
         mean = add("ReduceMean", ["f0", "AXT"], keepdims=1)
         add("Sub", ["f0", mean])
+    if batch_mean:
+        inits.append(numpy_helper.from_array(np.array([0], np.int64), "AXB"))
+        before = last
+        mean = add("ReduceMean", [before, "AXB"], keepdims=1)
+        add("Add", [before, mean])
+    if clip_level:
+        inits.append(numpy_helper.from_array(np.array([1], np.int64), "AXC"))
+        add("ReduceMean", [last, "AXC"], keepdims=1)
+    if gain != 1.0:
+        inits.append(numpy_helper.from_array(np.array(gain, np.float32), "GAIN"))
+        add("Mul", [last, "GAIN"])
     if loop_iterations:
         inits += [
             numpy_helper.from_array(np.array(loop_iterations, np.int64), "TRIPS"),
@@ -96,7 +116,7 @@ def make_onnx(
         helper.make_tensor_value_info(
             "features",
             TensorProto.FLOAT16 if out_float16 else TensorProto.FLOAT,
-            ["B", "T"] if rank2 else ["B", "T", dim],
+            ["B", "T"] if rank2 else ["B", 1 if clip_level else "T", dim],
         )
     ]
     inputs = [helper.make_tensor_value_info("audio", TensorProto.FLOAT, ["B", "S"])]

@@ -229,6 +229,15 @@ class TestMeasured:
         assert report.ok, report.reasons
         assert report.batching == "alone" and "state shared across the batch" in report.padding_cause
 
+    def test_an_encoder_that_fails_on_batches_is_run_alone(self, tmp_path):
+        m = manifest_for(mask_output=False)
+        with start(tmp_path, m, batch_one=True, mask_output=False) as rt:
+            report = run_probe(rt, m, FAST)
+        assert report.ok, report.reasons
+        assert report.batching == "alone"
+        assert report.padding_cause.startswith("batched calls fail (features output has batch size 1")
+        assert report.padding_cause.endswith("batches of equal-length clips fail too")
+
     def test_large_outputs_choose_float32_storage(self, tmp_path):
         with start(tmp_path, gain=5000.0) as rt:
             report = run_probe(rt, manifest_for(), FAST)

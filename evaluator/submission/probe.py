@@ -237,6 +237,7 @@ def run_probe(runtime: Runtime, manifest: Manifest, config: ProbeConfig = ProbeC
     range_seconds = min(config.range_seconds, manifest.max_audio_seconds)
     extremes = range_audio(range_seconds, config.seed + 100)
     failures: dict[str, list[str]] = {}
+    batch_failures: dict[str, list[str]] = {}  # batched calls may fail: such an encoder is run alone
 
     with _PeakMemory(runtime) as mem:
         started = time.perf_counter()
@@ -250,12 +251,13 @@ def run_probe(runtime: Runtime, manifest: Manifest, config: ProbeConfig = ProbeC
         batch_waves = [waves[i] for i in config.batch_items]
         what = "padded batch of " + "/".join(f"{lengths[i]:g}" for i in config.batch_items) + " s"
         t0 = time.perf_counter()
-        batch1 = _encode(runtime, batch_waves, failures, what)
+        batch1 = _encode(runtime, batch_waves, batch_failures, what)
         batch_time = time.perf_counter() - t0
-        batch2 = _encode(runtime, batch_waves, failures, what + " (repeat)")
+        batch2 = _encode(runtime, batch_waves, batch_failures, what + " (repeat)")
         real = [_encode(runtime, [w], failures, f"{range_seconds:g} s of {name}") for name, w in extremes]
         real = [o[0] if o else None for o in real]
-        equal = _encode(runtime, [w for _, w in extremes], failures, f"batch of {len(extremes)} equal-length clips")
+        equal = _encode(runtime, [w for _, w in extremes], batch_failures,
+                        f"batch of {len(extremes)} equal-length clips")
         again = _encode(runtime, [extremes[0][1]], failures, f"{range_seconds:g} s of speech (repeat)")
         peak = mem.peak_mb()
 
@@ -269,7 +271,8 @@ def run_probe(runtime: Runtime, manifest: Manifest, config: ProbeConfig = ProbeC
     else:
         checks.append(_check_hop(lengths, alone, manifest, config))
         fixed = None
-    batching, pad_diff, cause = _padding(lengths, alone, batch1, extremes, real, equal, config, manifest)
+    batch_error = next(iter(batch_failures), None)
+    batching, pad_diff, cause = _padding(lengths, alone, batch1, real, equal, batch_error, config, manifest)
     checks.append(_check_padding(batching, pad_diff, cause, config))
     checks.append(_check_repeat([(batch1, batch2), (real[:1], again)], config))
     audio_seconds = sum(s for s, o in zip(lengths, alone) if o is not None)
@@ -395,7 +398,7 @@ def _cause(bad_frames: np.ndarray, frames: int, manifest: Manifest) -> str:
     return why + (" (the model takes no sample mask)" if no_mask else "")
 
 
-def _padding(lengths, alone, batch, extremes, real, equal, config: ProbeConfig, manifest: Manifest):
+def _padding(lengths, alone, batch, real, equal, batch_error: str | None, config: ProbeConfig, manifest: Manifest):
     """How extraction may batch: (batching, largest change padding makes, likely cause)."""
     diffs, causes, padded_ok = [], [], batch is not None
     for o, i in zip(batch or [], config.batch_items):
@@ -415,13 +418,15 @@ def _padding(lengths, alone, batch, extremes, real, equal, config: ProbeConfig, 
     worst = max(diffs) if diffs else None
     if padded_ok:
         return "padded", worst, None
-    cause = causes[0] if causes else "the padded batch fails while the same clips alone work"
+    cause = causes[0] if causes else f"batched calls fail ({batch_error})"
     equal_ok = equal is not None and all(
         r is not None and e.shape == r.shape and _frame_diff(r, e, config.padding_rtol)[0] <= config.padding_rtol
         for r, e in zip(real, equal)
     )
     if equal_ok:
         return "equal_length", worst, cause
+    if equal is None:
+        return "alone", worst, cause + "; batches of equal-length clips fail too"
     return "alone", worst, cause + "; clips of equal length also change when batched together (state shared across the batch)"
 
 

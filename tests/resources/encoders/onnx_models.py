@@ -33,6 +33,7 @@ def make_onnx(
     batch_mean: bool = False,  # adds the mean over the batch: items of a batch change each other
     clip_level: bool = False,  # one frame per clip: the mean over time (pair with mask_output=False)
     gain: float = 1.0,  # scales the features (range tests)
+    batch_one: bool = False,  # folds the batch into time: only a batch of one clip comes out right
 ) -> Path:
     rng = np.random.default_rng(0)
     weight = (rng.standard_normal((dim, 1, hop)) / np.sqrt(hop)).astype(np.float32)
@@ -77,6 +78,9 @@ def make_onnx(
     if clip_level:
         inits.append(numpy_helper.from_array(np.array([1], np.int64), "AXC"))
         add("ReduceMean", [last, "AXC"], keepdims=1)
+    if batch_one:
+        inits.append(numpy_helper.from_array(np.array([1, -1, dim], np.int64), "ONE_BATCH"))
+        add("Reshape", [last, "ONE_BATCH"])
     if gain != 1.0:
         inits.append(numpy_helper.from_array(np.array(gain, np.float32), "GAIN"))
         add("Mul", [last, "GAIN"])

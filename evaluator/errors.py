@@ -15,6 +15,9 @@ def first_line(e: BaseException, limit: int = 500) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+MAX_REASONS = 20  # reason lines kept per error; a hostile input can produce thousands
+
+
 class XaresError(Exception):
     """Something the user must fix. The message says what was expected, what arrived, and how to fix it."""
 
@@ -22,7 +25,10 @@ class XaresError(Exception):
 
     def __init__(self, message: str, *, reasons: list[str] | None = None):
         super().__init__(message)
-        self.reasons = list(reasons or [])  # one line per failing check, printed after the message
+        reasons = [r if len(r) <= 500 else r[:497] + "..." for r in map(str, reasons or [])]
+        if len(reasons) > MAX_REASONS:
+            reasons = reasons[:MAX_REASONS] + [f"... and {len(reasons) - MAX_REASONS} more"]
+        self.reasons = reasons  # one line per failing check (the first MAX_REASONS), printed after the message
 
 
 class SubmissionError(XaresError):
@@ -31,6 +37,10 @@ class SubmissionError(XaresError):
 
 class SandboxError(SubmissionError):
     """The encoder misbehaved inside the sandbox (timeout, crash, limit hit, bad output)."""
+
+
+class SandboxTimeout(SandboxError):
+    """The encoder ran past a wall-clock limit: one call's, or the whole probe's or extraction's budget."""
 
 
 class DataError(XaresError):

@@ -36,8 +36,9 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from evaluator.errors import ConfigError, DataError, SandboxError, first_line
+from evaluator.errors import ConfigError, DataError, SandboxError, SandboxTimeout, first_line
 from evaluator.features import Failure, FeatureStore, PendingClip, numpy_dtype
+from evaluator.sandbox.base import Deadline, TimeBudget
 from evaluator.submission.manifest import SAMPLE_RATE
 
 if TYPE_CHECKING:  # types only: extraction needs no sandbox or submission code at run time
@@ -76,6 +77,7 @@ class ExtractionConfig:
     # failure policy
     max_failed_fraction: float = 0.01  # clips the encoder may fail on before the submission fails
     max_consecutive_failures: int = 8  # a run of failed clips this long fails it at once
+    time_budget: TimeBudget = TimeBudget()  # wall clock of one extract call, growing with the audio encoded
 
     def __post_init__(self):
         if self.batch_clips < 1 or self.sort_buffer < 1 or self.shard_bytes < 1:
@@ -221,10 +223,12 @@ def _prepare_audio(clip: ClipLike, crop_seconds: float | None) -> np.ndarray:
 
 
 class _Encoder:
-    """Runs pieces through the runtime, isolating failing clips and validating every output."""
+    """Runs pieces through the runtime, isolating failing clips and validating every output, all within
+    one time budget (a hung encoder is stopped when the budget runs out, not after calls x wall_seconds)."""
 
-    def __init__(self, runtime: Runtime, manifest: Manifest, config: ExtractionConfig):
+    def __init__(self, runtime: Runtime, manifest: Manifest, config: ExtractionConfig, what: str = "extraction"):
         self.runtime, self.manifest, self.config = runtime, manifest, config
+        self.deadline = Deadline(config.time_budget, what)
 
     def encode(self, keys: Sequence[str], waves: Sequence[np.ndarray], window_seconds: float | None
                ) -> list[np.ndarray | str]:
@@ -258,14 +262,22 @@ class _Encoder:
                 results.append(np.concatenate(parts, axis=0).astype(np.float32, copy=False))
         return results
 
-    def _run(self, batch: list[_Piece]) -> list[np.ndarray | str]:
+    def _run(self, batch: list[_Piece], granted: bool = False) -> list[np.ndarray | str]:
         waves = [p.wave for p in batch]
+        if not granted:
+            self.deadline.grant(sum(len(w) for w in waves) / SAMPLE_RATE)
         try:
-            out = self.runtime.encode(waves)
+            out = self.runtime.encode(waves, timeout=self.deadline.remaining())
+        except SandboxTimeout:
+            if self.deadline.limit - self.deadline.elapsed <= 0:
+                self.deadline.remaining()  # raises, naming the budget: no time left, the submission fails now
+            if len(batch) == 1:
+                raise  # a clip that hangs alone
+            return [self._run([p], granted=True)[0] for p in batch]  # one clip may be the one that hangs
         except SandboxError as e:
             if len(batch) == 1:
                 return [first_line(e)]
-            return [self._run([p])[0] for p in batch]  # isolate the clip(s) that fail
+            return [self._run([p], granted=True)[0] for p in batch]  # isolate the clip(s) that fail
         if not isinstance(out, (list, tuple)) or len(out) != len(waves):
             got = len(out) if isinstance(out, (list, tuple)) else type(out).__name__
             raise SandboxError(f"the encoder returned {got} outputs for {len(waves)} clips")
@@ -342,7 +354,7 @@ def extract(
         )
     report = _report(store, start, calls0, runtime, encoded=run.encoded, resumed=len(done),
                      reused=False, seconds=run.seconds, windowed=run.windowed)
-    store.finalize(_profile(report, runtime))
+    store.finalize({**_profile(report, runtime), "time": run.encoder.deadline.to_dict()})
     return report
 
 
@@ -350,7 +362,7 @@ class _Run:
     """State of one extraction call: pending clips, counters, the failure streak."""
 
     def __init__(self, runtime, store: FeatureStore, manifest, config: ExtractionConfig, progress):
-        self.encoder = _Encoder(runtime, manifest, config)
+        self.encoder = _Encoder(runtime, manifest, config, f"the extraction of {store.key.task}/{store.key.split}")
         self.store, self.config, self.progress = store, config, progress
         self.pending: list[PendingClip] = []
         self.pending_failures: list[Failure] = []
@@ -511,7 +523,8 @@ def spot_check(
         raise DataError(f"spot check: {len(missing)} sampled clips are not in the data given (e.g. {missing[0]!r})")
     dtype = numpy_dtype(store.key.dtype)
     waves = [_prepare_audio(clips_by_key[k], store.key.crop_seconds) for k in keys]
-    results = _Encoder(runtime, manifest, config).encode(keys, waves, store.key.window_seconds) if keys else []
+    encoder = _Encoder(runtime, manifest, config, "the spot check")
+    results = encoder.encode(keys, waves, store.key.window_seconds) if keys else []
     max_diff, worst, worst_excess = 0.0, None, -math.inf
     for k, res in zip(keys, results):
         if isinstance(res, str):

@@ -74,3 +74,87 @@ def atomic_write_text(path: Path, text: str, *, durable: bool = False) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+# -- bounded parsers of untrusted bytes (submissions, encoder output) ---------------------------------
+
+
+class UnsafeInput(ValueError):
+    """Untrusted bytes that a parser refuses before allocating or recursing on them."""
+
+
+def parse_json(data: str | bytes, *, max_depth: int = 64):
+    """JSON from untrusted bytes: no NaN/Infinity (not JSON, and they pass a schema's ``number``), no
+    nesting deeper than ``max_depth`` (the decoder would recurse until RecursionError).
+
+    Raises:
+        UnsafeInput: not JSON, a NaN/Infinity constant, or nested too deeply.
+    """
+
+    def constant(name: str):
+        raise UnsafeInput(f"{name} is not a JSON number")
+
+    try:
+        doc = json.loads(data, parse_constant=constant)
+    except RecursionError as e:
+        raise UnsafeInput(f"nested more than {max_depth} levels deep") from e
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UnsafeInput(str(e)) from e
+    stack = [(doc, 1)]
+    while stack:  # iteratively: the check must not recurse either
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            if depth > max_depth:
+                raise UnsafeInput(f"nested more than {max_depth} levels deep")
+            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return doc
+
+
+def read_npy(source: bytes | Path, *, max_bytes: int):
+    """A plain numeric .npy array whose header is checked before anything is allocated: a tiny file
+    may declare a terabyte shape.
+
+    Args:
+        source: the file, or its bytes.
+        max_bytes: the largest array accepted (shape x itemsize).
+
+    Returns:
+        A writable numpy array.
+
+    Raises:
+        UnsafeInput: not a version 1/2/3 .npy, an object or structured dtype, more than ``max_bytes``,
+            or a data size that differs from what the header declares.
+    """
+    import io
+    import math
+
+    import numpy as np
+
+    fmt = np.lib.format
+    fp = open(source, "rb") if isinstance(source, (str, Path)) else io.BytesIO(source)  # noqa: SIM115
+    with fp:
+        try:
+            version = fmt.read_magic(fp)
+            if version == (1, 0):
+                shape, fortran, dtype = fmt.read_array_header_1_0(fp)
+            elif version in ((2, 0), (3, 0)):
+                shape, fortran, dtype = fmt.read_array_header_2_0(fp)
+            else:
+                raise UnsafeInput(f".npy format version {version} is not supported")
+        except UnsafeInput:
+            raise
+        except (ValueError, SyntaxError, TypeError, EOFError) as e:
+            raise UnsafeInput(f"not a .npy file ({e})") from e
+        if dtype.hasobject or dtype.kind not in "biuf" or dtype.fields:
+            raise UnsafeInput(f".npy dtype {dtype} is not a plain numeric type")
+        count = math.prod(shape)  # Python ints: no overflow
+        nbytes = count * dtype.itemsize
+        if nbytes > max_bytes:
+            raise UnsafeInput(f".npy header declares shape {list(shape)} of {dtype} = {nbytes} bytes, "
+                              f"over the {max_bytes}-byte limit")
+        buf = bytearray(nbytes)
+        got = fp.readinto(buf)
+        if got != nbytes or fp.read(1):
+            raise UnsafeInput(f".npy header declares {nbytes} bytes of data, the file holds "
+                              f"{got if got != nbytes else 'more'}")
+    return np.frombuffer(buf, dtype=dtype, count=count).reshape(shape, order="F" if fortran else "C")

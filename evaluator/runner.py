@@ -32,9 +32,10 @@ from evaluator.extraction import ExtractionConfig, extract, sample_keys, spot_ch
 from evaluator.features import FeatureRangeError, FeatureStore, StoreKey
 from evaluator.fileio import DigestCache, atomic_write_text
 from evaluator.sandbox import Limits, open_runtime
+from evaluator.sandbox.base import TimeBudget
 from evaluator.submission.archive import unpacked
 from evaluator.submission.manifest import Manifest
-from evaluator.submission.probe import ProbeReport, run_probe
+from evaluator.submission.probe import ProbeConfig, ProbeReport, run_probe
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ class RunOptions:
     max_new_tokens: int = 150
     checkpoint_every: int = 500  # training steps between checkpoints
     limit_clips: int | None = None  # at most this many clips per task split (smoke runs); keyed
+    time_budget: TimeBudget = TimeBudget()  # wall clock of the probe and of each extraction (recorded)
     progress: bool = True
 
 
@@ -122,7 +124,7 @@ def run_submission(archive: Path, track: TrackSpec, opts: RunOptions, *, echo: E
         sub_dir = Path(opts.out) / f"{manifest.name}-{sub_sha[:12]}"
         limits = Limits(memory_mb=opts.memory_mb or manifest.resources.memory_mb, gpu=opts.gpu)
         with _OnFirstUse(lambda: open_runtime(root, manifest, limits)) as sandbox:
-            probe = run_probe(sandbox.get(), manifest)
+            probe = run_probe(sandbox.get(), manifest, ProbeConfig(time_budget=opts.time_budget))
             if not probe.ok:
                 raise SubmissionError(f"{archive.name} fails {len(probe.reasons)} probe check(s)",
                                       reasons=probe.reasons)
@@ -223,7 +225,8 @@ class _Stages:
         self.sub_sha, self.manifest, self.opts, self.sandbox, self.echo = sub_sha, manifest, opts, sandbox, echo
         self.device = device  # "cpu" | "cuda:N"
         # what the organizer's own probe measured decides how this encoder is run and stored
-        self.extraction = ExtractionConfig(batching=probe.batching, fixed_frames=probe.fixed_frames)
+        self.extraction = ExtractionConfig(batching=probe.batching, fixed_frames=probe.fixed_frames,
+                                           time_budget=opts.time_budget)
         self.fixed_frames = probe.fixed_frames
         self.feature_dtype = probe.feature_dtype if opts.feature_dtype == "auto" else opts.feature_dtype
         self.store_root = opts.store_root or Path(opts.out) / "features"

@@ -33,9 +33,9 @@ class CountingRuntime:
     def __init__(self, runtime):
         self.runtime, self.batches = runtime, []
 
-    def encode(self, waves):
+    def encode(self, waves, *, timeout=None):
         self.batches.append([round(len(w) / SR, 2) for w in waves])
-        return self.runtime.encode(waves)
+        return self.runtime.encode(waves, timeout=timeout)
 
     def __getattr__(self, name):
         return getattr(self.runtime, name)
@@ -129,3 +129,20 @@ def test_a_fixed_encoder_returning_other_counts_fails_extraction(tmp_path):
     with open_runtime(tmp_path, m, Limits()) as rt, pytest.raises(SandboxError, match="breaks the contract"):
         extract(rt, clips([0.5, 1.0]), FeatureStore.open(tmp_path / "s", key()), m,
                 ExtractionConfig(fixed_frames=25))
+
+
+def test_a_hung_encoder_fails_extraction_within_its_budget_not_calls_x_wall(tmp_path):
+    import time
+
+    from evaluator.errors import SandboxTimeout
+    from evaluator.sandbox.base import TimeBudget
+
+    make_onnx(tmp_path / "model.onnx", loop_iterations=10**12)
+    m = manifest()
+    cfg = ExtractionConfig(batch_clips=2, time_budget=TimeBudget(seconds_per_audio_second=0.1, floor_seconds=2.0))
+    store = FeatureStore.open(tmp_path / "s", key())
+    with open_runtime(tmp_path, m, Limits(wall_seconds=600)) as rt:
+        t0 = time.monotonic()
+        with pytest.raises(SandboxTimeout, match="the extraction of t/train ran past its time budget"):
+            extract(rt, clips([0.5] * 6), store, m, cfg)
+        assert time.monotonic() - t0 < 20  # the budget (2 s + 0.1 s per audio-second), not 3 calls x 600 s

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from resources.encoders.onnx_models import make_onnx
 
-from evaluator.errors import SandboxError, SubmissionError
+from evaluator.errors import SandboxError, SandboxTimeout, SubmissionError
 from evaluator.sandbox import Limits, open_runtime
+from evaluator.sandbox.base import TimeBudget
 from evaluator.submission.manifest import Manifest
 from evaluator.submission.probe import ProbeConfig, probe_lengths, run_probe
 
@@ -132,6 +133,25 @@ class TestRuntime:
             t0 = time.monotonic()
             with pytest.raises(SandboxError, match="wall-clock limit"):
                 rt.encode([np.ones(1600, np.float32)])
+            assert time.monotonic() - t0 < 10
+
+    def test_a_hung_encoder_ends_the_probe_at_its_first_timeout(self, tmp_path):
+        # 600 s per call would hold validate for 8 x 600 s; the budget ends it within its floor
+        budget = TimeBudget(seconds_per_audio_second=0.01, floor_seconds=2.0)
+        with start(tmp_path, loop_iterations=10**12) as rt:
+            t0 = time.monotonic()
+            report = run_probe(rt, manifest_for(), replace(FAST, time_budget=budget))
+            took = time.monotonic() - t0
+        assert [c.name for c in report.checks] == ["time"] and not report.ok
+        assert "ran past what was left of the time budget" in report.reasons[0]
+        assert "stops at the first call" in report.reasons[0]
+        assert took < 15 and report.time["limit_s"] < 3
+
+    def test_the_budget_caps_one_call_below_its_wall_limit(self, tmp_path):
+        with start(tmp_path, loop_iterations=10**12) as rt:
+            t0 = time.monotonic()
+            with pytest.raises(SandboxTimeout, match="time budget"):
+                rt.encode([np.ones(1600, np.float32)], timeout=0.5)
             assert time.monotonic() - t0 < 10
 
     def test_gpu_request_without_gpu(self, tmp_path):

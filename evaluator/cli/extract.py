@@ -56,11 +56,17 @@ An interrupted run resumes where it stopped.""",
               help="Wall-clock limit per encoder call, in seconds.")
 @click.option("--gpu/--no-gpu", default=False, show_default=True,
               help="Run the encoder on a GPU (fails with a message when none is usable).")
+@click.option("--time-limit", type=click.FloatRange(min=0.01), default=10.0, show_default=True,
+              help="Time budget of the probe and of each extraction: wall-clock seconds per audio-second given to "
+                   "the encoder, on top of --time-floor; the encoder is killed when it runs out.")
+@click.option("--time-floor", type=click.FloatRange(min=1), default=300.0, show_default=True,
+              help="Seconds every time budget starts with.")
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where the submission is unpacked (default: a temporary folder, removed afterwards).")
 def extract(submission: Path, patterns: tuple[str, ...], out: Path, task: str, split: str, label_keys: str,
             dtype: str, limit: int | None, batch_clips: int, spot_fraction: float, seed: int,
-            memory_mb: int | None, cpus: float, wall_seconds: float, gpu: bool, work_dir: Path | None) -> None:
+            memory_mb: int | None, cpus: float, wall_seconds: float, gpu: bool, time_limit: float, time_floor: float,
+            work_dir: Path | None) -> None:
     """Extract features of SUBMISSION (a submission.tar) for every clip of the --data shards.
 
     The submission is unpacked safely and verified, its encoder runs in the sandbox, every output is
@@ -73,6 +79,7 @@ def extract(submission: Path, patterns: tuple[str, ...], out: Path, task: str, s
     from evaluator.extraction import ExtractionConfig, reused_report
     from evaluator.extraction import extract as run_extraction
     from evaluator.sandbox import Limits, open_runtime
+    from evaluator.sandbox.base import TimeBudget
     from evaluator.submission.archive import unpacked
 
     keys = tuple(k.strip() for k in label_keys.split(";") if k.strip())
@@ -104,6 +111,7 @@ def extract(submission: Path, patterns: tuple[str, ...], out: Path, task: str, s
         limits = Limits(memory_mb=memory_mb or manifest.resources.memory_mb, cpus=cpus,
                         wall_seconds=wall_seconds, gpu=gpu)
         config = ExtractionConfig(batch_clips=batch_clips, batching=batching,
+                                  time_budget=TimeBudget(seconds_per_audio_second=time_limit, floor_seconds=time_floor),
                                   fixed_frames=measured.get("fixed_frames") if manifest.fixed_frames else None)
         skips = SkipReport(task=task, split=split)
         check = None

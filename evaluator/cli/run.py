@@ -76,13 +76,18 @@ reuses an old checkpoint or score.""",
               help="Give the encoder a GPU (fails with a message when none is usable).")
 @click.option("--spot-check", type=click.FloatRange(0, 1), default=0.02, show_default=True,
               help="Share of one eval task's clips re-extracted and compared with the store (0 = off).")
+@click.option("--time-limit", type=click.FloatRange(min=0.01), default=10.0, show_default=True,
+              help="Time budget of the probe and of each extraction: wall-clock seconds per audio-second given to "
+                   "the encoder, on top of --time-floor; the encoder is killed when it runs out.")
+@click.option("--time-floor", type=click.FloatRange(min=1), default=300.0, show_default=True,
+              help="Seconds every time budget starts with.")
 @click.option("--quiet", is_flag=True, help="No progress bars (they are off anyway when stdout is not a terminal).")
 def run(submission: Path, track: str | None, train_config: Path | None, eval_config: Path | None,
         decoder: str | None, max_steps: int | None, out: Path, precision: str, device: str, compile_mode: str,
         feature_dtype: str, seed: int | None,
         machine: str | None, data_home: Path | None, hidden_config: Path | None, offline: bool,
         limit_clips: int | None, threads: int | None, checkpoint_every: int, eval_batch_size: int | None, memory_mb: int | None, gpu: bool, spot_check: float,
-        quiet: bool) -> None:
+        time_limit: float, time_floor: float, quiet: bool) -> None:
     """Evaluate SUBMISSION (a submission.tar) on a track and write results.json.
 
     Validates the submission, extracts features in the sandbox (once per clip), trains the projector
@@ -93,6 +98,7 @@ def run(submission: Path, track: str | None, train_config: Path | None, eval_con
 
     settle_openmp()  # before anything imports torch
     from evaluator.runner import RunOptions, resolve_track, run_submission
+    from evaluator.sandbox.base import TimeBudget
 
     if track is None and not (train_config or eval_config):
         raise ConfigError("give --track NAME or --train-config/--eval-config (XARES-LLM YAML)")
@@ -105,6 +111,7 @@ def run(submission: Path, track: str | None, train_config: Path | None, eval_con
         train_spec = resolve_track(track, data_home=data_home, hidden_config=hidden_config)
     opts = RunOptions(out=out, decoder=decoder, max_steps=max_steps, precision=precision, seed=seed,
                       device=device, compile=compile_mode, feature_dtype=feature_dtype,
+                      time_budget=TimeBudget(seconds_per_audio_second=time_limit, floor_seconds=time_floor),
                       data_home=data_home, hidden_config=hidden_config, download=not offline,
                       limit_clips=limit_clips, threads=threads, checkpoint_every=checkpoint_every, eval_batch_size=eval_batch_size, memory_mb=memory_mb, gpu=gpu, spot_check=spot_check,
                       progress=not quiet and sys.stdout.isatty(), **({"machine": machine} if machine else {}))

@@ -146,7 +146,12 @@ Exit status: 0 valid, 1 invalid (one line per reason), 2 usage error, 3 missing 
     default=None,
     help="Unpack into a temporary folder here (default: the system temp dir); it is always removed.",
 )
-def validate(archive: Path, workdir: Path | None) -> None:
+@click.option("--time-limit", type=click.FloatRange(min=0.01), default=10.0, show_default=True,
+              help="Time budget of the probe and of each extraction: wall-clock seconds per audio-second given to "
+                   "the encoder, on top of --time-floor; the encoder is killed when it runs out.")
+@click.option("--time-floor", type=click.FloatRange(min=1), default=300.0, show_default=True,
+              help="Seconds every time budget starts with.")
+def validate(archive: Path, workdir: Path | None, time_limit: float, time_floor: float) -> None:
     """Check ARCHIVE offline with exactly the organizer's checks.
 
     Safe unpack (no links, devices, absolute or '..' paths, size and compression-bomb limits),
@@ -158,7 +163,11 @@ def validate(archive: Path, workdir: Path | None) -> None:
 
     if workdir is not None:
         workdir.mkdir(parents=True, exist_ok=True)
-    report = run_validate(archive, ValidateOptions(workdir=workdir), step=_step)
+    from evaluator.sandbox.base import TimeBudget
+    from evaluator.submission.probe import ProbeConfig
+
+    budget = TimeBudget(seconds_per_audio_second=time_limit, floor_seconds=time_floor)
+    report = run_validate(archive, ValidateOptions(workdir=workdir, probe=ProbeConfig(time_budget=budget)), step=_step)
     _print_probe(report.probe)
     m = report.manifest
     click.echo(

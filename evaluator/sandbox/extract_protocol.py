@@ -17,6 +17,7 @@ import numpy as np
 import soundfile as sf
 
 from evaluator.errors import SandboxError, first_line
+from evaluator.fileio import UnsafeInput, parse_json, read_npy
 from evaluator.resources import schema_errors
 from evaluator.submission.manifest import SAMPLE_RATE, Manifest
 
@@ -25,6 +26,7 @@ REQUEST_NAME = "request.json"
 MAX_RESPONSE_BYTES = 16 << 20  # response.json larger than this is refused unread
 HOP_TOLERANCE_FRAMES = 2.0  # |T - seconds*1000/hop| allowed, same rule as the probe ...
 HOP_TOLERANCE_RATIO = 0.02  # ... or this fraction of the expected frames, whichever is larger
+MAX_FIXED_FRAMES = 100_000  # frames one item of a "fixed" encoder may return (Whisper: 1500)
 _SAFE_NAME = re.compile(r"^(?!\.{1,2}$)[A-Za-z0-9._-]{1,200}$")
 
 
@@ -93,8 +95,8 @@ def read_response(out: Path, names: list[str], *, items: list[dict], manifest: M
     if path.stat().st_size > MAX_RESPONSE_BYTES:
         raise SandboxError(f"/output/{RESPONSE_NAME} is larger than {MAX_RESPONSE_BYTES >> 20} MiB")
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
+        doc = parse_json(path.read_bytes())
+    except UnsafeInput as e:
         raise SandboxError(f"/output/{RESPONSE_NAME} is not valid JSON: {first_line(e)}") from e
     problems = schema_errors(doc, "extract_response")
     if problems:
@@ -133,27 +135,34 @@ def _load_features(out: Path, names: list[str], entry: dict, item: dict, manifes
     rel = entry["features"]
     if rel not in names:
         return None, f"features file {rel!r} is not in /output"
-    try:
-        arr = np.load(out / rel, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        return None, f"{rel} is not a plain .npy array ({first_line(e)})"
-    if not isinstance(arr, np.ndarray):
-        return None, f"{rel} is an .npz archive, expected one .npy array"
-    if arr.dtype != np.dtype(manifest.output_dtype) or entry["dtype"] != manifest.output_dtype:
-        return None, (f"dtype {arr.dtype} (declared {entry['dtype']}), "
-                      f"manifest output_dtype is {manifest.output_dtype}")
-    if arr.ndim != 2 or arr.shape[1] != manifest.output_dim:
-        return None, f"shape {list(arr.shape)}, expected [T, {manifest.output_dim}] (manifest output_dim)"
-    if list(arr.shape) != list(entry["shape"]):
-        return None, f"shape {list(arr.shape)} but {RESPONSE_NAME} declares {entry['shape']}"
-    if arr.shape[0] < 1:
+    if entry["dtype"] != manifest.output_dtype:
+        return None, f"dtype {entry['dtype']} declared, manifest output_dtype is {manifest.output_dtype}"
+    # the declared shape must obey the contract before the file is read: its bytes are bounded by it
+    frames, dim = entry["shape"]
+    if dim != manifest.output_dim:
+        return None, f"shape {entry['shape']}, expected [T, {manifest.output_dim}] (manifest output_dim)"
+    if frames < 1:
         return None, f"no frames for {item['num_samples'] / SAMPLE_RATE:g} s"
-    if not manifest.fixed_frames:  # a fixed count is checked against the probe's by extraction
+    if manifest.fixed_frames:  # the count itself is checked against the probe's by extraction
+        if frames > MAX_FIXED_FRAMES:
+            return None, f"{frames} frames; a fixed-frame encoder may return at most {MAX_FIXED_FRAMES}"
+    else:
         expected = item["num_samples"] * 1000.0 / (SAMPLE_RATE * manifest.frame_hop_ms)
         tolerance = max(HOP_TOLERANCE_FRAMES, HOP_TOLERANCE_RATIO * expected)
-        if abs(arr.shape[0] - expected) > tolerance:
-            return None, (f"{arr.shape[0]} frames for {item['num_samples'] / SAMPLE_RATE:g} s, expected about "
+        if abs(frames - expected) > tolerance:
+            return None, (f"{frames} frames for {item['num_samples'] / SAMPLE_RATE:g} s, expected about "
                           f"{expected:.0f} at frame_hop_ms={manifest.frame_hop_ms:g}")
+    dtype = np.dtype(manifest.output_dtype)
+    try:
+        arr = read_npy(out / rel, max_bytes=frames * dim * dtype.itemsize)
+    except UnsafeInput as e:
+        return None, f"{rel}: {first_line(e)}"
+    except OSError as e:
+        return None, f"{rel} cannot be read ({first_line(e)})"
+    if arr.dtype != dtype:
+        return None, f"{rel} holds {arr.dtype}, manifest output_dtype is {manifest.output_dtype}"
+    if list(arr.shape) != [frames, dim]:
+        return None, f"shape {list(arr.shape)} but {RESPONSE_NAME} declares {entry['shape']}"
     if not np.isfinite(arr).all():
         bad = int(arr.size - np.isfinite(arr).sum())
         return None, f"{bad} NaN or infinite value(s)"

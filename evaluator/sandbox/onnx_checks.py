@@ -38,7 +38,7 @@ def external_data_files(model_path: Path) -> list[str]:
     model = _load_graph_only(model_path)
     locations = {
         next((e.value for e in t.external_data if e.key == "location"), "")
-        for t in _all_tensors(model.graph)
+        for t in _all_tensors(model)
         if t.data_location == onnx.TensorProto.EXTERNAL
     }
     return sorted(locations)
@@ -77,7 +77,7 @@ def check_model(root: Path, model_path: Path) -> None:
             f"loaded); allowed domains: {sorted(ALLOWED_DOMAINS)}",
             reasons=_dedupe(problems),
         )
-    external = [t for t in _all_tensors(model.graph) if t.data_location == onnx.TensorProto.EXTERNAL]
+    external = [t for t in _all_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL]
     for t in external:
         location = next((e.value for e in t.external_data if e.key == "location"), "")
         problem = _external_location_problem(root, model_path.parent, location)
@@ -115,26 +115,45 @@ def _dedupe(lines: list[str], keep: int = 8) -> list[str]:
     return unique[:keep] + ([f"... and {len(unique) - keep} more"] if len(unique) > keep else [])
 
 
+def _walk_graphs(graph):
+    """The graph and every subgraph below it (If/Loop/Scan bodies), iteratively: a hostile model may nest
+    deeper than Python's recursion limit."""
+    stack = [graph]
+    while stack:
+        g = stack.pop()
+        yield g
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    stack.append(attr.g)
+                stack.extend(attr.graphs)
+
+
 def _all_nodes(graph):
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            if attr.HasField("g"):
-                yield from _all_nodes(attr.g)
-            for sub in attr.graphs:
-                yield from _all_nodes(sub)
+    for g in _walk_graphs(graph):
+        yield from g.node
 
 
 def _all_tensors(graph):
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            if attr.HasField("g"):
-                yield from _all_tensors(attr.g)
-            for sub in attr.graphs:
-                yield from _all_tensors(sub)
-
-
+    """Every tensor that may carry data: initializers, sparse initializers (values and indices) and
+    tensor attributes, in the graph, its subgraphs, and (given a ModelProto) its local functions."""
+    roots = [graph]
+    if hasattr(graph, "functions"):  # a ModelProto: the main graph and the model-local functions
+        roots = [graph.graph, *graph.functions]
+    for root in roots:
+        for g in _walk_graphs(root):
+            yield from getattr(g, "initializer", ())
+            for sparse in getattr(g, "sparse_initializer", ()):
+                yield sparse.values
+                yield sparse.indices
+            for node in g.node:
+                for attr in node.attribute:
+                    if attr.HasField("t"):
+                        yield attr.t
+                    yield from attr.tensors
+                    if attr.HasField("sparse_tensor"):
+                        yield attr.sparse_tensor.values
+                        yield attr.sparse_tensor.indices
+                    for sparse in attr.sparse_tensors:
+                        yield sparse.values
+                        yield sparse.indices

@@ -8,7 +8,6 @@ then a plain process with a warning; the one in force is described to the user.
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
 import re
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from evaluator.fileio import UnsafeInput, parse_json, read_npy
 from evaluator.sandbox import onnx_worker
 from evaluator.sandbox.base import Limits
 
@@ -186,17 +186,17 @@ class Worker:
     def receive(self, deadline: float, *, max_array_bytes: int) -> tuple[dict, list[np.ndarray]]:
         """One message; raises TimeoutError past the deadline, WorkerDied on exit or garbage."""
         try:
-            message = json.loads(self._frame(deadline, MAX_JSON_FRAME))
-        except ValueError as e:
+            message = parse_json(self._frame(deadline, MAX_JSON_FRAME))
+        except UnsafeInput as e:
             raise WorkerDied(f"the worker broke the protocol ({e})") from e
         if not isinstance(message, dict):
             raise WorkerDied("the worker broke the protocol (a message that is not an object)")
         arrays = []
         for _ in range(int(message.get("arrays", 0))):
             data = self._frame(deadline, max_array_bytes)
-            try:
-                arrays.append(onnx_worker.load_array(data))
-            except ValueError as e:
+            try:  # the worker runs the participant's model: its bytes are untrusted too
+                arrays.append(read_npy(data, max_bytes=len(data)))
+            except UnsafeInput as e:
                 raise WorkerDied(f"the worker sent an unreadable array ({e})") from e
         return message, arrays
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from evaluator.cores import QUIET_OPENMP, usable_cpus
-from evaluator.errors import EnvironmentUnavailable, SandboxError, SubmissionError
+from evaluator.errors import EnvironmentUnavailable, SandboxError, SandboxTimeout, SubmissionError
 from evaluator.sandbox.base import Limits
 from evaluator.sandbox.onnx_checks import check_model
 from evaluator.sandbox.onnx_process import (
@@ -306,7 +306,7 @@ class OnnxRuntime:
 
     # -- encoding ----------------------------------------------------------------------------------
 
-    def encode(self, waves: Sequence[np.ndarray]) -> list[np.ndarray]:
+    def encode(self, waves: Sequence[np.ndarray], *, timeout: float | None = None) -> list[np.ndarray]:
         """Encode clips (1-D float32 16 kHz arrays); see `Runtime.encode`.
 
         Clips are sorted by length and cut into chunks so that little padding is computed; a clip of
@@ -317,13 +317,14 @@ class OnnxRuntime:
             if c.ndim != 1:
                 raise ValueError(f"clip {i} has shape {c.shape}; encode() takes 1-D mono audio")
         self.calls += len(clips)
+        end = None if timeout is None else time.monotonic() + timeout  # one budget for every chunk
         out: list[np.ndarray | None] = [None] * len(clips)
         order = sorted((i for i, c in enumerate(clips) if c.size), key=lambda i: clips[i].size)
         for i, c in enumerate(clips):
             if c.size == 0:
                 out[i] = np.zeros((0, self.manifest.output_dim), np.float32)
         for chunk in self._chunks(order, clips):
-            for i, feats in zip(chunk, self._run_batch([clips[i] for i in chunk])):
+            for i, feats in zip(chunk, self._run_batch([clips[i] for i in chunk], end)):
                 out[i] = feats
         return out  # type: ignore[return-value]
 
@@ -338,7 +339,7 @@ class OnnxRuntime:
         if chunk:
             yield chunk
 
-    def _run_batch(self, clips: list[np.ndarray]) -> list[np.ndarray]:
+    def _run_batch(self, clips: list[np.ndarray], end: float | None = None) -> list[np.ndarray]:
         lengths = np.array([c.size for c in clips])
         batch = np.zeros((len(clips), int(lengths.max())), np.float32)  # [B, S], zero padding
         for i, c in enumerate(clips):
@@ -348,12 +349,12 @@ class OnnxRuntime:
             mask = np.arange(batch.shape[1])[None, :] < lengths[:, None]  # [B, S]
             feed[self.spec.mask_input] = mask.astype(self._mask_dtype)
         names = [self.spec.features_output] + ([self.spec.mask_output] if self.spec.mask_output else [])
-        results = self._run(names, feed, seconds=lengths.sum() / SAMPLE_RATE)
+        results = self._run(names, feed, seconds=lengths.sum() / SAMPLE_RATE, end=end)
         feats = results[0]
         frame_mask = results[1] if self.spec.mask_output else None
         return self._split(feats, frame_mask, lengths)
 
-    def _run(self, names: list[str], feed: dict, *, seconds: float) -> list[np.ndarray]:
+    def _run(self, names: list[str], feed: dict, *, seconds: float, end: float | None = None) -> list[np.ndarray]:
         """One session.run in the worker, under the wall clock; a dead worker is restarted next call."""
         batch = len(next(iter(feed.values())))
         what = f"a batch of {batch} clip(s) ({seconds:.1f} s of audio)"
@@ -366,15 +367,16 @@ class OnnxRuntime:
             self._await_after_restart()
         worker = self._worker
         deadline = time.monotonic() + self.limits.wall_seconds
+        budgeted = end is not None and end < deadline
+        if budgeted:
+            deadline = end
         try:
             worker.send({"op": "run", "names": names, "feeds": list(feed)}, list(feed.values()))
             reply, arrays = worker.receive(deadline, max_array_bytes=self.limits.output_mb << 20)
         except TimeoutError:
             self._drop_worker()
-            raise SandboxError(
-                f"the encoder ran past the {self.limits.wall_seconds:g} s wall-clock limit on {what}; "
-                "its worker was killed"
-            ) from None
+            limit = "what was left of the time budget" if budgeted else f"the {self.limits.wall_seconds:g} s wall-clock limit"
+            raise SandboxTimeout(f"the encoder ran past {limit} on {what}; its worker was killed") from None
         except WorkerDied as e:
             reason = worker.exit_reason(limits=self.limits)
             self._drop_worker()

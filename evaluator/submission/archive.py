@@ -219,7 +219,7 @@ def _read_checksums(root: Path) -> tuple[dict[str, str], list[str]]:
     path = root / CHECKSUMS_NAME
     if not path.is_file():
         return {}, [f"no {CHECKSUMS_NAME} in the submission (rebuild it with xares-submit build)"]
-    sums, problems = {}, []
+    sums, problems, lines = {}, [], {}
     try:
         text = path.read_text()
     except UnicodeDecodeError:
@@ -229,7 +229,11 @@ def _read_checksums(root: Path) -> tuple[dict[str, str], list[str]]:
         if not sep or len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest) or not name:
             problems.append(f"{CHECKSUMS_NAME} line {n} is not '<sha256>  <path>': {line[:80]!r}")
             continue
-        sums[name.removeprefix("*")] = digest
+        name = name.removeprefix("*")
+        if name in sums:  # `sha256sum -c` checks every line: a second line must not hide a wrong first one
+            problems.append(f"{CHECKSUMS_NAME} lists {name} twice (lines {lines[name]} and {n})")
+            continue
+        sums[name], lines[name] = digest, n
     return sums, problems
 
 

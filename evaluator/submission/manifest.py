@@ -6,11 +6,12 @@ schema-valid document into typed fields so later stages never index raw dicts.
 
 from __future__ import annotations
 
-import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from evaluator.errors import SubmissionError
+from evaluator.fileio import UnsafeInput, parse_json
 from evaluator.resources import validate_document
 
 MANIFEST_NAME = "manifest.json"
@@ -92,6 +93,9 @@ class Manifest:
         """Validate against the schema and build. Raises SubmissionError listing every violation."""
         validate_document(doc, "submission", what="manifest.json", error=SubmissionError)
         assert isinstance(doc, dict)
+        problems = _number_problems(doc)
+        if problems:
+            raise SubmissionError("manifest.json does not match submission.schema.json", reasons=problems)
         d = dict(doc)
         d["files"] = tuple(PayloadFile(**f) for f in d.get("files", []))
         if "onnx" in d:
@@ -108,10 +112,10 @@ class Manifest:
     @classmethod
     def load(cls, path: Path) -> Manifest:
         try:
-            doc = json.loads(Path(path).read_text())
+            doc = parse_json(Path(path).read_bytes())
         except FileNotFoundError as e:
             raise SubmissionError(f"no {MANIFEST_NAME} in the submission ({path})") from e
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except UnsafeInput as e:
             raise SubmissionError(f"{MANIFEST_NAME} is not valid JSON: {e}") from e
         return cls.from_dict(doc)
 
@@ -129,3 +133,18 @@ class Manifest:
         if d.get("container"):
             d["container"]["entrypoint"] = list(d["container"]["entrypoint"])
         return d
+
+
+def _number_problems(doc: dict) -> list[str]:
+    """What JSON Schema lets through but the code cannot use: 80.0 is an "integer" to the schema, and a
+    dict built in Python may hold NaN or infinity."""
+    ints = [("output_dim", doc.get("output_dim"))]
+    ints += [("resources/memory_mb", (doc.get("resources") or {}).get("memory_mb"))]
+    ints += [(f"files/{i}/size", f.get("size")) for i, f in enumerate(doc.get("files") or []) if isinstance(f, dict)]
+    problems = [f"{where}: {value!r} is not an integer" for where, value in ints
+                if value is not None and (isinstance(value, bool) or not isinstance(value, int))]
+    for where in ("frame_hop_ms", "max_audio_seconds"):
+        value = doc.get(where)
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"{where}: {value!r} is not a finite number")
+    return problems

@@ -2,8 +2,8 @@
 the organizer (it talks only to a `Runtime`, so ONNX and container submissions get the same checks).
 
 It encodes synthetic clips of six lengths from 0.1 s to 30 s (capped by ``max_audio_seconds``), one
-at a time and as a zero-padded batch of three (twice), and four real-looking clips of one length
-(speech-like, full-scale noise, silence, clipping) alone and as a batch, then checks: the calls
+at a time and as a zero-padded batch of three (twice), and five real-looking clips of one length
+(speech-like, full-scale noise, silence, clipping, a full-scale sweep) alone and as a batch, then checks: the calls
 succeed with the declared shape/dtype/mask; D == output_dim; values are finite; the frame count
 follows the declared hop (or is the same for every clip when ``frames`` is "fixed"); two runs agree;
 time and peak memory per audio-second (the memory check fails only past ``resources.memory_mb``).
@@ -29,10 +29,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy.signal import lfilter
+from scipy.signal import chirp, lfilter
 
-from evaluator.errors import SandboxError
-from evaluator.sandbox.base import Runtime
+from evaluator.errors import SandboxError, SandboxTimeout
+from evaluator.sandbox.base import Deadline, Runtime, TimeBudget
 from evaluator.submission.manifest import SAMPLE_RATE, Manifest
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
@@ -59,6 +59,7 @@ class ProbeConfig:
     repeat_rtol: float = 1e-5  # run 1 vs run 2, relative to the largest |feature|
     # budgets (None: measured and reported only)
     max_seconds_per_audio_second: float | None = None
+    time_budget: TimeBudget = TimeBudget()  # the whole probe's wall clock; the first timeout ends it
 
     def __post_init__(self):
         if self.n_lengths < 5:
@@ -91,6 +92,7 @@ class ProbeReport:
     unbatched_cost: float | None = None  # time alone / time in the padded batch, same clips
     feature_peak: float | None = None  # largest |feature| over every probe clip
     feature_dtype: str = "float16"  # the store dtype that holds feature_peak (with RANGE_MARGIN)
+    time: dict = field(default_factory=dict)  # the probe's time budget and what it used
 
     @property
     def ok(self) -> bool:
@@ -190,13 +192,20 @@ def range_audio(seconds: float, seed: int) -> list[tuple[str, np.ndarray]]:
     speech = 0.6 * speech / max(float(np.abs(speech).max()), 1e-9)
     noise = np.clip(rng.standard_normal(n) / 3.0, -1.0, 1.0)
     clipped = np.clip(8.0 * np.sin(2 * np.pi * 440 * t) + 0.5 * rng.standard_normal(n), -1.0, 1.0)
-    clips = [("speech", speech), ("noise", noise), ("silence", np.zeros(n)), ("clipping", clipped)]
+    # a full-scale sweep: a learned filterbank can resonate with one tone far beyond what noise excites
+    sweep = 0.99 * chirp(t, f0=50.0, t1=max(float(t[-1]), 1e-3), f1=7500.0, method="logarithmic")
+    clips = [("speech", speech), ("noise", noise), ("silence", np.zeros(n)), ("clipping", clipped),
+             ("a full-scale sweep", sweep)]
     return [(name, w.astype(np.float32)) for name, w in clips]
 
 
-def _encode(runtime: Runtime, waves: list[np.ndarray], failures: dict[str, list[str]], what: str):
+def _encode(runtime: Runtime, waves: list[np.ndarray], failures: dict[str, list[str]], what: str,
+            deadline: Deadline):
+    deadline.grant(sum(len(w) for w in waves) / SAMPLE_RATE)
     try:
-        out = runtime.encode(waves)
+        out = runtime.encode(waves, timeout=deadline.remaining())
+    except SandboxTimeout:
+        raise  # the first call that times out ends the probe
     except SandboxError as e:
         failures.setdefault(str(e), []).append(what)
         return None
@@ -239,27 +248,33 @@ def run_probe(runtime: Runtime, manifest: Manifest, config: ProbeConfig = ProbeC
     failures: dict[str, list[str]] = {}
     batch_failures: dict[str, list[str]] = {}  # batched calls may fail: such an encoder is run alone
 
-    with _PeakMemory(runtime) as mem:
-        started = time.perf_counter()
-        alone, times = [], []
-        for s, w in zip(lengths, waves):
+    deadline = Deadline(config.time_budget, "the probe")
+    try:
+        with _PeakMemory(runtime) as mem:
+            started = time.perf_counter()
+            alone, times = [], []
+            for s, w in zip(lengths, waves):
+                t0 = time.perf_counter()
+                out = _encode(runtime, [w], failures, f"{s:g} s alone", deadline)
+                times.append(time.perf_counter() - t0)
+                alone.append(out[0] if out else None)
+            elapsed = time.perf_counter() - started
+            batch_waves = [waves[i] for i in config.batch_items]
+            what = "padded batch of " + "/".join(f"{lengths[i]:g}" for i in config.batch_items) + " s"
             t0 = time.perf_counter()
-            out = _encode(runtime, [w], failures, f"{s:g} s alone")
-            times.append(time.perf_counter() - t0)
-            alone.append(out[0] if out else None)
-        elapsed = time.perf_counter() - started
-        batch_waves = [waves[i] for i in config.batch_items]
-        what = "padded batch of " + "/".join(f"{lengths[i]:g}" for i in config.batch_items) + " s"
-        t0 = time.perf_counter()
-        batch1 = _encode(runtime, batch_waves, batch_failures, what)
-        batch_time = time.perf_counter() - t0
-        batch2 = _encode(runtime, batch_waves, batch_failures, what + " (repeat)")
-        real = [_encode(runtime, [w], failures, f"{range_seconds:g} s of {name}") for name, w in extremes]
-        real = [o[0] if o else None for o in real]
-        equal = _encode(runtime, [w for _, w in extremes], batch_failures,
-                        f"batch of {len(extremes)} equal-length clips")
-        again = _encode(runtime, [extremes[0][1]], failures, f"{range_seconds:g} s of speech (repeat)")
-        peak = mem.peak_mb()
+            batch1 = _encode(runtime, batch_waves, batch_failures, what, deadline)
+            batch_time = time.perf_counter() - t0
+            batch2 = _encode(runtime, batch_waves, batch_failures, what + " (repeat)", deadline)
+            real = [_encode(runtime, [w], failures, f"{range_seconds:g} s of {name}", deadline)
+                    for name, w in extremes]
+            real = [o[0] if o else None for o in real]
+            equal = _encode(runtime, [w for _, w in extremes], batch_failures,
+                            f"batch of {len(extremes)} equal-length clips", deadline)
+            again = _encode(runtime, [extremes[0][1]], failures, f"{range_seconds:g} s of speech (repeat)",
+                            deadline)
+            peak = mem.peak_mb()
+    except SandboxTimeout as e:
+        return _timed_out(e, lengths, runtime, deadline)
 
     checks = [_check_runs(failures)]
     outputs = [o for o in alone + real + (batch1 or []) + (batch2 or []) + (equal or []) if o is not None]
@@ -301,6 +316,19 @@ def run_probe(runtime: Runtime, manifest: Manifest, config: ProbeConfig = ProbeC
         unbatched_cost=items_alone / batch_time if batch1 is not None and batch_time > 0 else None,
         feature_peak=feature_peak,
         feature_dtype=store_dtype(feature_peak),
+        time=deadline.to_dict(),
+    )
+
+
+def _timed_out(e: SandboxTimeout, lengths, runtime, deadline: Deadline) -> ProbeReport:
+    """The report of a probe ended by its first timeout: one line, nothing else measured."""
+    return ProbeReport(
+        checks=(Check("time", False, f"{e} (the probe stops at the first call that times out)"),),
+        lengths_seconds=tuple(lengths), frames=tuple(None for _ in lengths), seconds_per_audio_second=None,
+        peak_memory_mb=None, peak_memory_mb_per_audio_second=None,
+        runtime={"name": getattr(runtime, "name", "?"), "device": getattr(runtime, "device", "?"),
+                 "isolation": getattr(runtime, "isolation", "?")},
+        time=deadline.to_dict(),
     )
 
 

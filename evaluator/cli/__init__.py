@@ -35,6 +35,7 @@ EVAL_COMMANDS = {
     "leaderboard": "evaluator.cli.leaderboard:leaderboard",
     "validate": "evaluator.cli.submit:validate",
     "demo": "evaluator.cli.demo:demo",
+    "cleanup": "evaluator.cli.cleanup:cleanup",
 }
 
 

@@ -3,32 +3,54 @@
     with ContainerRuntime(root, manifest, Limits(wall_seconds=120)) as runtime:
         features = runtime.encode([np.zeros(16000, np.float32)])   # -> [array [T, D]]
 
-One ``encode`` call is one container start (the caller sends many clips per call), in four steps as in
-grand-challenge's executor: *provision* a host folder with ``request.json`` and the WAVs, mounted
-read-only at /input (audio and the request only, never labels) and a size- and file-count-capped tmpfs
-volume for /output; *run* the manifest's entrypoint by image id with the flags of `hardened_flags`;
-*collect* /output with ``get_archive`` and check every byte against the contract (`extract_protocol`);
-*clean up* the containers, the volume and the host folder whatever happened.
+Opening a runtime first removes what dead evaluator processes left on the engine (`cleanup_stale`),
+then loads the image from the submission's own archive, verified layer by layer and tagged for this
+run (`evaluator.sandbox.docker_image`). One ``encode`` call is one container start (the caller sends
+many clips per call), in four steps as in grand-challenge's executor: *provision* a host folder with
+``request.json`` and the WAVs, mounted read-only at /input (audio and the request only, never labels)
+and a size- and file-count-capped tmpfs volume for /output; *run* the manifest's entrypoint by image id
+with the flags of `hardened_flags`; *collect* /output with ``get_archive`` from the keeper, only after
+the encoder's container is removed, so no process of it can still write there, and check every byte
+against the contract (`extract_protocol`); *clean up* the containers, the volume and the host folder
+whatever happened. Every engine call has a timeout (`CONTROL_TIMEOUT_S`; the wait for the encoder has
+``Limits.wall_seconds``), so a hung container or engine is killed or given up on, never waited for.
 
 Why a keeper container: a tmpfs is the only output cap that really holds on any filesystem, but Docker
 unmounts a tmpfs (and empties a tmpfs volume) when the last container using it stops, so a tiny
 ``sleep`` container from the base image holds the volume open until /output is copied out.
 
-The image's ENV, ENTRYPOINT and CMD are ignored: the entrypoint comes from the manifest and every
-variable the image sets is unset (a bare ``KEY`` in the create call), so the container's OCI spec holds
-only our environment. That matters on GPU hosts: NVIDIA Container Toolkit hooks read the spec's
-environment (CVE-2025-23266, ``LD_PRELOAD`` in an image's ENV); GPUs are requested with
-``device_requests``, never with ``NVIDIA_*`` variables. Keep the toolkit >= 1.17.8 anyway: other tools
-on the same host may start images without this care.
+The image's runtime config, field by field (everything else in the container comes from us):
+  - ENV: ignored; every variable the image sets is unset (a bare ``KEY`` in the create call), so the
+    container's OCI spec holds only our environment. That matters on GPU hosts: NVIDIA Container
+    Toolkit hooks read the spec's environment (CVE-2025-23266, ``LD_PRELOAD`` in an image's ENV); GPUs
+    are requested with ``device_requests``, never with ``NVIDIA_*`` variables. Keep the toolkit
+    >= 1.17.8 anyway: other tools on the same host may start images without this care.
+  - ENTRYPOINT, CMD: ignored; the manifest's entrypoint runs with an empty command.
+  - USER: ignored; always 65534:65534.
+  - VOLUME: each declared path gets an empty tmpfs capped at ``Limits.tmpfs_mb`` (charged to the
+    memory limit like /tmp), which stops Docker from creating a writable, size-unlimited anonymous
+    volume there; files the image keeps under such a path are hidden, and a failure says so. Paths we
+    cannot cover (inside /input or /output, on /proc, /sys, /dev, more than 16) are refused at
+    build/validate time with one line (`docker_image.scratch_paths`). Refusing every VOLUME would be as
+    safe but would reject base images that declare one, which a Dockerfile cannot undo.
+  - HEALTHCHECK: disabled (test NONE): no extra processes started by the engine.
+  - STOPSIGNAL, StopTimeout: ignored; the stop signal is SIGKILL and we only ever kill with it.
+  - EXPOSE: irrelevant: the network is ``none`` and no port is ever published.
+  - WORKDIR: kept as the encoder's working directory (the root filesystem is read-only anyway).
+  - ONBUILD, SHELL: build-time only; we never build from a submitted image, and the entrypoint is an
+    exec-form list, so no shell reads SHELL.
+  - LABEL: the evaluator's own label keys are refused (they would make a container look like ours).
+
+The seccomp profile (`evaluator.sandbox.seccomp`) replaces the engine's default: ptrace and the other
+calls an encoder never needs (namespaces, mounts, bpf, perf_event_open, keyrings, userfaultfd, ...)
+fail with EPERM.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import shutil
-import tarfile
 import tempfile
 import threading
 import uuid
@@ -41,17 +63,23 @@ import numpy as np
 import requests
 
 import docker
-from evaluator.errors import EnvironmentUnavailable, SandboxError, SubmissionError, first_line
+from evaluator.errors import EnvironmentUnavailable, SandboxError, SandboxTimeout, SubmissionError, first_line
 from evaluator.sandbox.base import Limits
+from evaluator.sandbox.docker_cleanup import LABEL, RUN_LABEL, Owner, cleanup_stale
+from evaluator.sandbox.docker_cleanup import labels as owner_labels
+from evaluator.sandbox.docker_image import load_image, release_image, scratch_paths
 from evaluator.sandbox.extract_protocol import read_response, untar_output, write_request
+from evaluator.sandbox.seccomp import profile_json
 from evaluator.submission.manifest import Manifest
+
+__all__ = ["LABEL", "RUN_LABEL", "ContainerRuntime", "cleanup_stale", "connect", "hardened_flags", "load_image"]
 
 log = logging.getLogger(__name__)
 
 KEEPER_IMAGE = "xares/encoder-base:latest"  # holds the /output tmpfs open; built by `make base-image`
 USER = "65534:65534"  # nobody:nogroup
-LABEL = "org.xares-eval.role"  # on every container and volume we create, to find leftovers
-RUN_LABEL = "org.xares-eval.run"  # ... with the creating runtime's run_id
+CONTROL_TIMEOUT_S = 60  # seconds any engine call may take (create, start, kill, remove, inspect, logs)
+LOAD_TIMEOUT_S = 600  # seconds between two replies of the engine while it loads an image
 LOG_TAIL_LINES = 200  # lines of the (already size-capped) log read back per run
 CLEAN_ENV = {  # the whole environment the encoder sees (plus OMP_NUM_THREADS)
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -69,13 +97,21 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # The hardening flags, in one place. Every container we start (encoder and keeper) gets them.
 
 
-def hardened_flags(*, memory_mb: int, cpus: float, pids: int, tmpfs_mb: int, log_bytes: int) -> dict:
-    """The docker SDK ``containers.create`` keyword arguments that confine a container."""
+def hardened_flags(*, memory_mb: int, cpus: float, pids: int, tmpfs_mb: int, log_bytes: int,
+                   scratch: Sequence[str] = ()) -> dict:
+    """The docker SDK ``containers.create`` keyword arguments that confine a container.
+
+    ``scratch`` are the image's VOLUME paths: each gets its own tmpfs capped like /tmp, so the engine
+    makes no anonymous volume for it.
+    """
+    tmpfs = {path: f"rw,nosuid,nodev,size={tmpfs_mb}m,mode=1777" for path in ("/tmp", *scratch)}
     return {
         "network_mode": "none",
         "read_only": True,
         "cap_drop": ["ALL"],
-        "security_opt": ["no-new-privileges"],
+        "security_opt": ["no-new-privileges", f"seccomp={profile_json()}"],
+        "healthcheck": {"test": ["NONE"]},  # the image's HEALTHCHECK would start processes of its own
+        "stop_signal": "SIGKILL",  # the image's STOPSIGNAL is never used: we kill, and only with SIGKILL
         "user": USER,
         "init": True,  # docker-init reaps zombies and forwards signals
         "pids_limit": pids,
@@ -83,7 +119,7 @@ def hardened_flags(*, memory_mb: int, cpus: float, pids: int, tmpfs_mb: int, log
         "memswap_limit": f"{memory_mb}m",  # equal: no swap on top of the RAM limit
         "nano_cpus": int(cpus * 1e9),
         "ipc_mode": "private",
-        "tmpfs": {"/tmp": f"rw,nosuid,nodev,size={tmpfs_mb}m,mode=1777"},
+        "tmpfs": tmpfs,
         "ulimits": [docker.types.Ulimit(name="core", soft=0, hard=0)],
         "log_config": docker.types.LogConfig(
             type="json-file", config={"max-size": str(max(log_bytes, 4096)), "max-file": "1"}
@@ -110,71 +146,6 @@ def connect(*, timeout: int = 600):
             "or make the socket readable for this user"
         ) from e
     return client
-
-
-def image_tar_config(tar_path: Path) -> tuple[str, list[str]]:
-    """Read the image id and tags recorded in a ``docker save`` archive, without loading it.
-
-    Returns:
-        (``sha256:<hex>`` of the image config, its repo tags).
-
-    Raises:
-        SubmissionError: not a single-image ``docker save`` archive.
-    """
-    try:
-        with tarfile.open(tar_path) as tar:
-            member = tar.getmember("manifest.json")
-            if not member.isfile() or member.size > 1 << 20:
-                raise SubmissionError(f"{tar_path.name}: manifest.json is not a small regular file")
-            entries = json.loads(tar.extractfile(member).read())
-    except (tarfile.TarError, KeyError, OSError, ValueError) as e:
-        raise SubmissionError(
-            f"{tar_path.name} is not a `docker save` archive ({first_line(e)}); rebuild it with xares-submit build"
-        ) from e
-    if not isinstance(entries, list) or len(entries) != 1 or not isinstance(entries[0], dict):
-        raise SubmissionError(f"{tar_path.name} must hold exactly one image, found {len(entries)} entries")
-    config = str(entries[0].get("Config", ""))
-    digest = re.fullmatch(r"(?:blobs/sha256/)?([0-9a-f]{64})(?:\.json)?", config)
-    if not digest:
-        raise SubmissionError(f"{tar_path.name}: unexpected image config entry {config!r}")
-    return f"sha256:{digest.group(1)}", list(entries[0].get("RepoTags") or [])
-
-
-def load_image(client, *, tar_path: Path, image_id: str) -> bool:
-    """Make ``image_id`` available from a ``docker save`` archive; load it only when absent.
-
-    Returns:
-        True when this call loaded the image (the caller removes it when done).
-
-    Raises:
-        SubmissionError: the archive holds another image, carries tags, or does not load.
-    """
-    found, tags = image_tar_config(tar_path)
-    if found != image_id:
-        raise SubmissionError(
-            f"the image archive holds image {found}, but manifest.json says container.image_id={image_id}; "
-            "rebuild the submission with xares-submit build"
-        )
-    if tags:  # a tagged archive would re-point names on the organizer's engine (e.g. the base image)
-        raise SubmissionError(
-            f"the image archive carries tags {tags}; save the image by id (xares-submit build does)"
-        )
-    try:
-        client.images.get(image_id)
-        return False  # the id is the config digest: same id, same image
-    except docker.errors.ImageNotFound:
-        pass
-    try:
-        with open(tar_path, "rb") as f:
-            loaded = client.images.load(f)
-    except docker.errors.APIError as e:
-        raise SubmissionError(f"docker load refused the image archive: {first_line(e)}") from e
-    ids = {img.id for img in loaded}
-    if image_id not in ids:
-        for other in ids:
-            remove_image(client, image_id=other)
-        raise SubmissionError(f"docker load gave image(s) {sorted(ids)}, not {image_id}")
-    return True
 
 
 def create_volume(client, *, size_mb: int, max_files: int, labels: dict[str, str]):
@@ -274,13 +245,6 @@ def remove_volume(volume) -> None:
         log.debug("could not remove volume %s: %s", getattr(volume, "name", "?"), e)
 
 
-def remove_image(client, *, image_id: str) -> None:
-    try:
-        client.images.remove(image_id, force=False, noprune=False)
-    except (docker.errors.APIError, requests.exceptions.RequestException) as e:  # in use by another run
-        log.debug("could not remove image %s: %s", image_id, e)
-
-
 def user_error(logs: str) -> str:
     """The last meaningful log line: what a participant needs to see first (grand-challenge style)."""
     for line in reversed(_ANSI.sub("", logs).splitlines()):
@@ -302,18 +266,19 @@ class ContainerRuntime:
         limits: resource caps; ``limits.gpu`` asks Docker for every GPU.
         workdir: where the per-call host folders go (default: the system temp dir).
         keeper_image: image of the container that holds /output open (the base image).
-        keep_image: leave a freshly loaded image in the engine after `close` (faster re-runs).
-        run_id: value of the run label on every container and volume (default: random).
+        run_id: value of the run label on every container and volume, and part of the image tag
+            (default: random).
 
     Raises:
-        SubmissionError: no container spec, the archive is missing or holds another image.
-        EnvironmentUnavailable: no Docker engine, or the keeper image is missing.
+        SubmissionError: no container spec; the archive is missing, incomplete or holds another image;
+            the image declares a VOLUME or label the sandbox cannot allow.
+        EnvironmentUnavailable: no Docker engine, no seccomp, or the keeper image is missing.
     """
 
     name = "container"
 
     def __init__(self, root: Path, manifest: Manifest, limits: Limits, *, workdir: Path | None = None,
-                 keeper_image: str = KEEPER_IMAGE, keep_image: bool = False, run_id: str | None = None):
+                 keeper_image: str = KEEPER_IMAGE, run_id: str | None = None):
         if manifest.kind != "container" or manifest.container is None:
             raise SubmissionError("manifest.json has no 'container' section; kind must be 'container'")
         self.manifest = manifest
@@ -325,18 +290,28 @@ class ContainerRuntime:
         self._peak_mb: float | None = None  # see peak_memory_mb
         self._workdir = workdir
         self._keeper_image = keeper_image
-        self._keep_image = keep_image
-        self._loaded = False
-        self._client = connect()
+        self._owner = Owner.current()  # written on every object, so a later process can tell we died
+        self._image_ref: str | None = None  # our tag on the loaded image, released by `close`
+        self._client = connect(timeout=CONTROL_TIMEOUT_S)
         try:
+            info = self._client.info()
+            _check_engine(info)
+            report = cleanup_stale(self._client)
+            for line in report.removed:
+                log.info("removed a leftover of a dead evaluator: %s", line)
             tar = _payload_file(Path(root), manifest.container.image)
-            self._loaded = load_image(self._client, tar_path=tar, image_id=manifest.container.image_id)
-            image = self._client.images.get(manifest.container.image_id)
-            self._image_env_keys = sorted({e.split("=", 1)[0] for e in image.attrs["Config"].get("Env") or []})
+            loader = connect(timeout=LOAD_TIMEOUT_S)
+            try:
+                self._image_ref = load_image(loader, tar_path=tar, image_id=manifest.container.image_id,
+                                             run_id=self.run_id)
+            finally:
+                loader.close()
+            config = self._client.images.get(manifest.container.image_id).attrs.get("Config") or {}
+            self._image_env_keys = sorted({e.split("=", 1)[0] for e in config.get("Env") or []})
+            self._scratch = scratch_paths(config)  # the image's VOLUMEs, each under a capped tmpfs
             self._check_keeper()
             if limits.gpu:
                 self._check_gpu()
-            info = self._client.info()
         except BaseException:
             self.close()
             raise
@@ -345,7 +320,7 @@ class ContainerRuntime:
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
-    def encode(self, waves: Sequence[np.ndarray]) -> list[np.ndarray]:
+    def encode(self, waves: Sequence[np.ndarray], *, timeout: float | None = None) -> list[np.ndarray]:
         """Encode a chunk of clips in one container run; see `Runtime.encode`."""
         clips = [np.ascontiguousarray(w, dtype=np.float32) for w in waves]
         if not clips:
@@ -363,7 +338,8 @@ class ContainerRuntime:
             containers.append(self._start_keeper(volume))
             encoder = self._start_encoder(work / "input", volume)
             containers.append(encoder)
-            self._run(encoder)
+            self._run(encoder, timeout)
+            self._retire(encoder)  # before /output is read: no process of the encoder is left to write
             out = work / "output"
             out.mkdir()
             tar = copy_out(containers[0], path="/output", dest=work,
@@ -381,8 +357,8 @@ class ContainerRuntime:
         client, self._client = getattr(self, "_client", None), None
         if client is None:
             return
-        if self._loaded and not self._keep_image:
-            remove_image(client, image_id=self.manifest.container.image_id)
+        if self._image_ref is not None:
+            release_image(client, ref=self._image_ref)
         client.close()
 
     def __enter__(self) -> ContainerRuntime:  # noqa: PYI034 - typing.Self needs Python 3.11
@@ -396,10 +372,10 @@ class ContainerRuntime:
     def _encoder_flags(self) -> dict:
         lim = self.limits
         return hardened_flags(memory_mb=lim.memory_mb, cpus=lim.cpus, pids=lim.pids, tmpfs_mb=lim.tmpfs_mb,
-                              log_bytes=lim.log_bytes)
+                              log_bytes=lim.log_bytes, scratch=self._scratch)
 
     def _labels(self, role: str) -> dict[str, str]:
-        return {LABEL: role, RUN_LABEL: self.run_id}
+        return owner_labels(role, self.run_id, self._owner)
 
     def _environment(self) -> list[str]:
         env = dict(CLEAN_ENV, OMP_NUM_THREADS=str(max(1, int(self.limits.cpus))))
@@ -436,9 +412,10 @@ class ContainerRuntime:
         """Highest memory use of any encoder run so far (the cgroup's high-water mark), or None."""
         return self._peak_mb
 
-    def _run(self, container) -> None:
+    def _run(self, container, timeout: float | None = None) -> None:
         """Wait for the encoder; raise with its last log line when it did not exit cleanly."""
-        limit = self.limits.wall_seconds
+        budgeted = timeout is not None and timeout < self.limits.wall_seconds
+        limit = timeout if budgeted else self.limits.wall_seconds
         with _MemoryWatch(container) as watch:
             code = wait_container(container, timeout=limit)
         if watch.peak_bytes:
@@ -451,14 +428,36 @@ class ContainerRuntime:
         last = last or user_error(self.last_log)
         said = f"; last log line: {last}" if last else "; it printed nothing"
         if code is None:
-            raise SandboxError(f"the encoder did not finish within {limit:g} s (Limits.wall_seconds) "
-                               f"and was killed{said}")
+            what = "what was left of the time budget" if budgeted else "Limits.wall_seconds"
+            raise SandboxTimeout(f"the encoder did not finish within {limit:.0f} s ({what}) and was killed{said}")
         container.reload()
         if container.attrs["State"].get("OOMKilled"):
             raise SandboxError(f"the encoder ran out of memory (limit {self.limits.memory_mb} MiB, "
                                f"swap included) and was killed{said}")
         if code != 0:
-            raise SandboxError(f"the encoder exited with code {code}{said}")
+            raise SandboxError(f"the encoder exited with code {code}{said}", reasons=self._volume_hint())
+
+    def _volume_hint(self) -> list[str]:
+        if not self._scratch:
+            return []
+        return [f"the image declares VOLUME {', '.join(self._scratch)}: the sandbox mounts an empty "
+                f"{self.limits.tmpfs_mb} MiB tmpfs there, so files the image keeps under it are not visible"]
+
+    def _retire(self, container) -> None:
+        """Remove the exited encoder and make sure it is gone, so nothing of it can still touch /output.
+
+        Raises:
+            SandboxError: the engine did not remove it within `CONTROL_TIMEOUT_S`.
+        """
+        remove_container(container)
+        try:
+            self._client.api.inspect_container(container.id)
+        except docker.errors.NotFound:
+            return
+        except (docker.errors.APIError, requests.exceptions.RequestException) as e:
+            raise SandboxError(f"the encoder's container could not be removed ({first_line(e)}); its /output "
+                               "is not collected") from e
+        raise SandboxError("the encoder's container could not be removed; its /output is not collected")
 
     def _check_keeper(self) -> None:
         try:
@@ -495,6 +494,20 @@ class ContainerRuntime:
             wrong.append(f"pids limit {hc.get('PidsLimit')}")
         if hc.get("Memory") != self.limits.memory_mb << 20:
             wrong.append(f"memory {hc.get('Memory')}")
+        if not hc.get("Init"):
+            wrong.append("no init")
+        if flags["security_opt"][1] not in (hc.get("SecurityOpt") or []):
+            wrong.append("seccomp profile missing")
+        if ((cfg.get("Healthcheck") or {}).get("Test") or [None])[0] != "NONE":
+            wrong.append(f"healthcheck {cfg.get('Healthcheck')}")
+        if hc.get("PublishAllPorts") or hc.get("PortBindings"):
+            wrong.append("ports published")
+        if set(hc.get("Tmpfs") or {}) != set(flags["tmpfs"]):
+            wrong.append(f"tmpfs mounts {sorted(hc.get('Tmpfs') or {})}")
+        ours = {"/input", "/output"}  # anything else would be an (unlimited) volume of the image's
+        extra = [m.get("Destination") for m in attrs.get("Mounts") or [] if m.get("Destination") not in ours]
+        if extra:
+            wrong.append(f"volumes at {extra}")
         env = cfg.get("Env") or []
         env_keys = {e.split("=", 1)[0] for e in env if "=" in e}  # bare KEYs are the unset markers
         expected = set(CLEAN_ENV) | {"OMP_NUM_THREADS"}
@@ -509,15 +522,32 @@ class ContainerRuntime:
     def _describe(self, flags: dict, info: dict, *, verified: bool) -> str:
         mem = flags["mem_limit"][:-1]
         swap = "= memory-swap" if self._swap_limited else "(engine lacks swap accounting: swap not capped)"
-        seccomp = "seccomp" if any("seccomp" in s for s in info.get("SecurityOptions") or []) else "no seccomp"
+        volumes = f", image VOLUMEs as {self.limits.tmpfs_mb} MiB tmpfs ({len(self._scratch)})" if self._scratch else ""
         return (
-            f"docker {info.get('ServerVersion', '?')} ({info.get('DefaultRuntime', '?')}, {seccomp}): "
-            f"network none, read-only rootfs, cap-drop ALL, no-new-privileges, user {USER}, init, "
+            f"docker {info.get('ServerVersion', '?')} ({info.get('DefaultRuntime', '?')}): "
+            f"network none, read-only rootfs, cap-drop ALL, no-new-privileges, seccomp (no ptrace, "
+            f"namespaces, mounts, bpf, keyrings), user {USER}, init, "
             f"pids<={flags['pids_limit']}, memory {mem} MiB {swap}, cpus {flags['nano_cpus'] / 1e9:g}, "
-            f"/tmp tmpfs {self.limits.tmpfs_mb} MiB, /output tmpfs {self.limits.output_mb} MiB, "
-            f"logs<={self.limits.log_bytes} B, clean env, image by id"
+            f"/tmp tmpfs {self.limits.tmpfs_mb} MiB, /output tmpfs {self.limits.output_mb} MiB{volumes}, "
+            f"logs<={self.limits.log_bytes} B, clean env, no healthcheck, image by id from its own archive"
             + ("" if verified else " (requested; checked on the first run)")
         )
+
+
+def _check_engine(info: dict) -> None:
+    """Refuse engines on which the sandbox cannot hold: no seccomp, or image ids that are not config digests.
+
+    Raises:
+        EnvironmentUnavailable: with what to change on the host.
+    """
+    if not any("seccomp" in str(opt) for opt in info.get("SecurityOptions") or []):
+        raise EnvironmentUnavailable("the Docker engine runs without seccomp support, so the sandbox cannot "
+                                     "forbid ptrace and similar calls; use a kernel and dockerd with seccomp")
+    status = {str(k): str(v) for k, v in (info.get("DriverStatus") or []) if isinstance(k, str)}
+    if "containerd.snapshotter" in status.get("driver-type", ""):
+        raise EnvironmentUnavailable("the Docker engine uses the containerd image store, where image ids are "
+                                     "manifest digests, not the config digests submissions declare; set "
+                                     '"features": {"containerd-snapshotter": false} in daemon.json')
 
 
 

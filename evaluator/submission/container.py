@@ -4,7 +4,10 @@
     payload.image_tar, payload.image_id, payload.entrypoint
 
 The archive is saved by image id, so it carries no tags (the evaluator refuses tagged archives: loading
-one would re-point names on the organizer's engine). When the offline base image ``xares/encoder-base``
+one would re-point names on the organizer's engine), and it is checked right away the way the evaluator
+checks it (`evaluator.sandbox.docker_image`): every layer and the config present and matching their
+digests, no VOLUME the sandbox cannot cover. An image that declares VOLUMEs gets a warning: the sandbox
+mounts an empty, size-capped tmpfs over each, hiding what the image keeps there. When the offline base image ``xares/encoder-base``
 exists locally it is passed as ``--build-arg BASE_IMAGE``, so a Dockerfile that starts with
 ``ARG BASE_IMAGE=python:3.11-slim`` / ``FROM ${BASE_IMAGE}`` builds without a registry.
 """
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evaluator.errors import SubmissionError
+from evaluator.sandbox.docker_image import scratch_paths, verify_image_archive
 from evaluator.sandbox.docker_runtime import KEEPER_IMAGE, connect
 
 log = logging.getLogger(__name__)
@@ -50,7 +54,8 @@ def build_container_payload(folder: Path, workdir: Path, *, tag: str) -> Contain
         The archive path, the image id and the entrypoint.
 
     Raises:
-        SubmissionError: no Dockerfile, the build fails, or no entrypoint is declared.
+        SubmissionError: no Dockerfile, the build fails, no entrypoint is declared, the saved archive is
+            incomplete, or the image declares a VOLUME the sandbox cannot cover.
         EnvironmentUnavailable: no Docker engine answers.
     """
     folder = Path(folder)
@@ -69,6 +74,13 @@ def build_container_payload(folder: Path, workdir: Path, *, tag: str) -> Contain
     finally:
         client.close()
     log.info("saved %s (%s, %.1f MiB)", tar, image_id, tar.stat().st_size / 2**20)
+    archive = verify_image_archive(tar)
+    if archive.image_id != image_id:  # docker save wrote another image than the build made
+        raise SubmissionError(f"docker save wrote image {archive.image_id}, expected {image_id}")
+    volumes = scratch_paths(archive.config.get("config") or {})
+    if volumes:
+        log.warning("the image declares VOLUME %s: the evaluator mounts an empty, size-capped tmpfs there, "
+                    "so files the image keeps under it are not visible to the encoder", ", ".join(volumes))
     return ContainerPayload(image_tar=tar, image_id=image_id, entrypoint=entrypoint)
 
 

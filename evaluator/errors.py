@@ -15,7 +15,7 @@ def first_line(e: BaseException, limit: int = 500) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-MAX_REASONS = 20  # reason lines kept per error; a hostile input can produce thousands
+MAX_REASONS = 30  # reason lines kept per error (a ceiling above the stages' own caps of 20); hostile input can produce thousands
 
 
 class XaresError(Exception):

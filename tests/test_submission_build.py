@@ -44,9 +44,8 @@ class TestTorchFolders:
         with tarfile.open(out) as tar:
             names = tar.getnames()
             report = json.load(tar.extractfile("build_report.json"))
-        assert {"manifest.json", "SHA256SUMS", "build_report.json", "model.onnx", "source/encoder.py"} == set(
-            names
-        )
+        assert {"manifest.json", "SHA256SUMS", "build_report.json", "model.onnx", "source/encoder.py",
+                "source/conv_base.py"} == set(names)  # the sibling module encoder.py imports travels too
         assert report["probe"]["ok"] and report["encoder_class"] == "ConvEncoder"
         assert report["onnx_vs_torch"] < 1e-3
         checked = validate(out, ValidateOptions(probe=FAST.probe))
@@ -60,7 +59,6 @@ class TestTorchFolders:
             ("wrong_rank", "the contract is [B, T, D]"),
             ("raises", "forward raised RuntimeError: checkpoint not loaded"),
             ("raises_on_length", "runs: "),
-            ("ignores_mask", "padding: "),
             ("nondeterministic", "deterministic: "),
             ("wrong_hop", "frame_rate: frame counts do not follow frame_hop_ms=40"),
         ],
@@ -68,6 +66,11 @@ class TestTorchFolders:
     def test_broken_encoder_refused(self, tmp_path, name, words):
         text = refused(copy_encoder(name, tmp_path), tmp_path / "out.tar")
         assert words in text
+
+    def test_padding_sensitive_torch_encoder_builds_with_its_cause_named(self, tmp_path):
+        result = build(copy_encoder("ignores_mask", tmp_path), tmp_path / "out.tar", FAST)
+        assert result.manifest.measured["batching"] == "equal_length"
+        assert "normalisation over time" in result.manifest.measured["padding_cause"]
 
     def test_reference_dummy_encoder_refused_as_non_deterministic(self, tmp_path):
         text = refused(copy_encoder("dummy", tmp_path), tmp_path / "out.tar")
@@ -160,3 +163,49 @@ class TestFolderKinds:
         folder = copy_encoder("conv", tmp_path)
         (folder / "manifest.json").write_text("[1, 2")
         assert "not valid JSON" in refused(folder, tmp_path / "s.tar")
+
+
+class TestMeasuredInTheManifest:
+    """What the probe measured goes into the manifest's `measured` section and the build report."""
+
+    def onnx_folder(self, tmp_path: Path, manifest: dict | None = None, **model) -> Path:
+        folder = tmp_path / "enc"
+        folder.mkdir()
+        make_onnx(folder / "model.onnx", **model)
+        (folder / "manifest.json").write_text(json.dumps({"team": "lab", **(manifest or {})}))
+        return folder
+
+    def test_padding_sensitive_encoder_builds_with_its_batching_recorded(self, tmp_path):
+        out = tmp_path / "s.tar"
+        result = build(self.onnx_folder(tmp_path, ignores_mask=True), out, FAST)
+        m = result.manifest
+        assert m.schema_version == 2 and m.measured["batching"] == "equal_length"
+        assert "normalisation over time" in m.measured["padding_cause"]
+        with tarfile.open(out) as tar:
+            report = json.load(tar.extractfile("build_report.json"))
+            packed = json.load(tar.extractfile("manifest.json"))
+        assert packed["measured"] == m.measured and report["measured"]["unbatched_cost"] > 0
+        assert validate(out, ValidateOptions(probe=FAST.probe)).probe.batching == "equal_length"
+
+    def test_clip_level_encoder_is_derived_as_fixed_frames(self, tmp_path):
+        out = tmp_path / "s.tar"
+        result = build(self.onnx_folder(tmp_path, clip_level=True, mask_output=False), out, FAST)
+        m = result.manifest
+        assert m.fixed_frames and m.frame_hop_ms is None and m.measured["fixed_frames"] == 1
+        assert any(n.startswith("frames = fixed") for n in result.notes)
+        assert validate(out, ValidateOptions(probe=FAST.probe)).probe.fixed_frames == 1
+
+    def test_fixed_frames_in_a_version_1_manifest_is_refused_with_the_fix(self, tmp_path):
+        folder = self.onnx_folder(tmp_path, {"schema_version": 1}, clip_level=True, mask_output=False)
+        assert '"schema_version": 2 and "frames": "fixed"' in refused(folder, tmp_path / "s.tar")
+
+    def test_large_outputs_are_measured_not_refused(self, tmp_path):
+        result = build(self.onnx_folder(tmp_path, gain=1e6), tmp_path / "s.tar", FAST)
+        assert result.manifest.measured["feature_dtype"] == "float32"
+        assert result.manifest.measured["feature_peak"] > 65504
+
+    def test_a_version_1_manifest_stays_version_1(self, tmp_path):
+        result = build(self.onnx_folder(tmp_path, {"schema_version": 1}), tmp_path / "s.tar", FAST)
+        assert result.manifest.schema_version == 1 and result.manifest.measured == {}
+        with tarfile.open(tmp_path / "s.tar") as tar:
+            assert "measured" not in json.load(tar.extractfile("manifest.json"))

@@ -25,15 +25,22 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from evaluator.errors import SubmissionError
-from evaluator.fileio import sha256_file
+from evaluator.fileio import UnsafeInput, parse_json, sha256_file
 from evaluator.sandbox import open_runtime
 from evaluator.sandbox.base import Limits
 from evaluator.submission.archive import DEFAULT_MAX_BYTES, pack
-from evaluator.submission.manifest import BUILD_REPORT_NAME, MANIFEST_NAME, SAMPLE_RATE, Manifest
+from evaluator.submission.manifest import (
+    BUILD_REPORT_NAME,
+    FIXED,
+    MANIFEST_NAME,
+    SAMPLE_RATE,
+    SCHEMA_VERSION,
+    Manifest,
+)
 from evaluator.submission.probe import ProbeConfig, ProbeReport, run_probe
 
 log = logging.getLogger(__name__)
@@ -42,7 +49,7 @@ SOURCES = ("auto", "torch", "onnx", "container")
 DEFAULT_ONNX = "model.onnx"
 IMAGE_NAME = "image.tar"
 DEFAULTS = {  # manifest fields a folder may leave out
-    "schema_version": 1,
+    "schema_version": SCHEMA_VERSION,
     "team": "unknown",
     "sample_rate": SAMPLE_RATE,
     "max_audio_seconds": 30,
@@ -113,8 +120,8 @@ def read_partial_manifest(folder: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        doc = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        doc = parse_json(path.read_bytes())
+    except UnsafeInput as e:
         raise SubmissionError(f"{path} is not valid JSON: {e}") from e
     if not isinstance(doc, dict):
         raise SubmissionError(f"{path} must hold a JSON object")
@@ -176,6 +183,8 @@ def build(
             raise SubmissionError(
                 f"{folder.name} fails {len(reasons)} check(s); nothing was written", reasons=reasons
             )
+        if manifest.schema_version >= 2:  # a version 1 manifest stays exactly what its author wrote
+            manifest = replace(manifest, measured=report.measured())
 
         doc = {
             "schema_version": 1,
@@ -184,6 +193,7 @@ def build(
             "platform": platform.platform(),
             "derived": notes,
             **extra,
+            "measured": report.measured(),
             "probe": report.to_dict(),
         }
         (staging / BUILD_REPORT_NAME).write_text(json.dumps(doc, indent=2) + "\n")
@@ -202,15 +212,35 @@ def build(
 
 def _stage_torch(folder, staging, partial, reasons, notes, extra, step) -> dict:
     from evaluator.submission.export import export_encoder, measure_output
+    from evaluator.submission.provenance import copy_sources
 
-    step("Exporting encoder.py to ONNX (eval mode, dynamic batch and time axes)")
+    weights_dtype = partial.get("weights_dtype", "float32")
+    step(f"Exporting encoder.py to ONNX (eval mode, dynamic batch and time axes, {weights_dtype} weights)")
     model = staging / DEFAULT_ONNX
-    result = export_encoder(folder / "encoder.py", model)
+    result = export_encoder(folder / "encoder.py", model, weights_dtype=weights_dtype)
     reasons += list(result.reasons)
-    (staging / "source").mkdir()
-    shutil.copy2(folder / "encoder.py", staging / "source" / "encoder.py")  # provenance, never executed
-    extra.update(encoder_class=result.class_name, exporter=result.exporter, onnx_vs_torch=result.max_rel_diff)
+    # provenance, never executed: every file of the folder the export imported or read, within caps
+    copied = copy_sources(folder, result.source_files, staging / "source")
+    extra.update(
+        encoder_class=result.class_name,
+        exporter=result.exporter,
+        onnx_vs_torch=result.max_rel_diff,
+        weights_dtype=result.weights_dtype,
+        weights_bytes=result.weights_bytes,
+        external_data=list(result.external_data),
+        float16_rounding=result.rounding_rel_diff,  # torch features, float16-rounded vs float32 weights
+        source_files=copied.to_dict(),
+    )
     notes.append(f"model.onnx exported from {result.class_name} with the {result.exporter} exporter")
+    if result.external_data:
+        notes.append(
+            f"weights ({result.weights_bytes / 2**30:.2f} GiB) written as external data beside model.onnx: "
+            + ", ".join(result.external_data)
+        )
+    if result.rounding_rel_diff is not None:
+        notes.append(f"weights stored as float16: features move by {result.rounding_rel_diff:.2g} (relative)")
+    for item in copied.left_out:
+        notes.append(f"source/ leaves out {item['path']} ({item['bytes']} bytes): {item['why']}")
     derived = {"kind": "onnx", "output_dim": result.output_dim, "onnx": _spec_dict(result.onnx)}
     if "frame_hop_ms" not in partial:
         try:
@@ -265,7 +295,7 @@ def _stage_container(folder, workdir, staging, partial, step, options) -> dict:
             "container builds are not available in this installation (no container module)"
         ) from e
     for key in ("frame_hop_ms", "output_dim"):
-        if key not in partial:
+        if key not in partial and not (key == "frame_hop_ms" and partial.get("frames") == FIXED):
             raise SubmissionError(f"a container submission's manifest.json must declare {key}")
     name = options.name or partial.get("name") or _safe_name(folder.name)
     step("Building the container image (docker build, then docker save)")
@@ -288,12 +318,11 @@ def _spec_dict(spec) -> dict:
 
 
 def _set_hop(derived: dict, hop: float | None, notes: list[str], reasons: list[str]) -> None:
-    if hop is None:
-        why = (
-            "frame_rate: cannot measure the frame hop: the number of frames does not grow with the audio "
-            "length (return more frames for longer audio, with a frame mask for padding)"
-        )
-        raise SubmissionError("the encoder fails the contract; nothing was written", reasons=[*reasons, why])
+    if hop is None:  # the count does not grow with the audio: a fixed-frame or clip-level encoder
+        derived["frames"] = FIXED
+        notes.append('frames = fixed (measured: the frame count does not follow the audio length; declare '
+                     '"frames": "fixed" in manifest.json if that is meant)')
+        return
     derived["frame_hop_ms"] = hop
     notes.append(f"frame_hop_ms = {hop:g} (measured: {1000 / hop:.4g} frames/s)")
 
@@ -302,8 +331,11 @@ def _complete_manifest(folder: Path, partial: dict, derived: dict, options: Buil
     doc = {
         **DEFAULTS,
         **derived,
-        **{k: v for k, v in partial.items() if k not in ("files", "onnx", "container")},
+        **{k: v for k, v in partial.items() if k not in ("files", "onnx", "container", "measured")},
     }
+    if doc["schema_version"] == 1 and "frames" in derived:
+        raise SubmissionError('the encoder gives the same number of frames for every clip: that needs '
+                              '"schema_version": 2 and "frames": "fixed" in manifest.json')
     if "onnx" in partial and "onnx" in derived:
         doc["onnx"] = {**derived["onnx"], **partial["onnx"]}
     doc["kind"] = derived["kind"]

@@ -14,7 +14,7 @@ as its own process and records wall time and peak memory:
 Peak memory is sampled every 0.2 s over the step's whole process tree (the CLI and the sandboxed
 onnxruntime worker together), next to the largest single process (``RUSAGE_CHILDREN``).
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_large_encoder.py --dtype both --out /tmp/bench9
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_large_encoder.py --dtype both --out /work/bench9  # ~40 min
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_large_encoder.py --small --dtype float16   # 2 min check
 
 Prints one JSON object per step and a table at the end; writes ``<out>/results.json``.

@@ -68,7 +68,7 @@ class BuildOptions:
     source: str = "auto"  # "auto" | "torch" | "onnx" | "container"
     max_bytes: int = DEFAULT_MAX_BYTES  # refuse a bigger submission.tar
     probe: ProbeConfig = field(default_factory=ProbeConfig)
-    limits: Limits = field(default_factory=Limits)
+    limits: Limits | None = None  # None: defaults, with memory from the manifest's resources.memory_mb (as validate)
 
     def __post_init__(self):
         if self.source not in SOURCES:
@@ -176,7 +176,8 @@ def build(
         manifest = _complete_manifest(folder, partial, derived, options, notes)
 
         step(f"Probing the encoder ({manifest.kind}) with the organizer's checks")
-        with open_runtime(staging, manifest, options.limits) as runtime:
+        limits = options.limits or Limits(memory_mb=manifest.resources.memory_mb)
+        with open_runtime(staging, manifest, limits) as runtime:
             report = run_probe(runtime, manifest, options.probe)
         reasons += report.reasons
         if reasons:

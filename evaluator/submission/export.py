@@ -14,9 +14,8 @@ the weights are stored as float16, each followed by a Cast so the computation st
 
 Memory, for W bytes of float32 weights: the torch model and the exporter's folded copies (up to 2W)
 while exporting; the torch weights are then freed before onnxruntime loads the model for the check
-(about 1.5W plus activations). Plan for 2W to 3W in the build process: a Whisper-large-shaped encoder
-(W = 2.4 GiB) peaks at 4.2 GiB in the build process, 6.8 GiB with the probe's worker
-(docs/benchmarks.md).
+(about 1.5W plus activations): about 1.9W at the peak, e.g. 4.4 GiB for a Whisper-large-shaped encoder
+(W = 2.37 GiB), 6.8 GiB with the probe's worker (docs/benchmarks.md).
 
 Example::
 

@@ -209,3 +209,9 @@ class TestMeasuredInTheManifest:
         assert result.manifest.schema_version == 1 and result.manifest.measured == {}
         with tarfile.open(tmp_path / "s.tar") as tar:
             assert "measured" not in json.load(tar.extractfile("manifest.json"))
+
+    def test_the_probe_runs_under_the_manifests_memory_not_a_default(self, tmp_path):
+        # a large encoder declares what it needs; build must probe it as validate and run will
+        folder = self.onnx_folder(tmp_path, {"resources": {"memory_mb": 12288}})
+        result = build(folder, tmp_path / "s.tar", FAST)
+        assert "rlimits: 12288 MB data" in result.probe.runtime["isolation"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -117,6 +118,30 @@ class ImageArchives:
         except OSError:  # another filesystem
             shutil.copyfile(self.path(image_id), dest)
         return dest
+
+
+@contextlib.contextmanager
+def built_images(client, archives, context: Path, cases: Path, tag_prefix: str):
+    """case name -> image id, one image per ``cases/<case>/Dockerfile`` built in ``context`` from the
+    offline base image, saved once into ``archives``; the tags are removed afterwards."""
+    import docker.errors
+
+    from evaluator.sandbox.docker_runtime import KEEPER_IMAGE
+
+    ids = {}
+    try:
+        for folder in sorted(p for p in cases.iterdir() if (p / "Dockerfile").is_file()):
+            image, _ = client.images.build(
+                path=str(context), dockerfile=str((folder / "Dockerfile").relative_to(context)),
+                tag=f"{tag_prefix}{folder.name}:latest", buildargs={"BASE_IMAGE": KEEPER_IMAGE}, rm=True,
+                forcerm=True)
+            ids[folder.name] = image.id
+        archives.prepare(ids.values())
+        yield ids
+    finally:
+        for name in ids:
+            with contextlib.suppress(docker.errors.APIError):
+                client.images.remove(f"{tag_prefix}{name}:latest")
 
 
 def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:

@@ -28,7 +28,7 @@ import docker.errors
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import docker_ids
+from conftest import built_images, docker_ids
 
 from evaluator.cli import eval_cli
 from evaluator.errors import SandboxError, SandboxTimeout, SubmissionError
@@ -48,19 +48,9 @@ ONE_CLIP = [np.zeros(16000, np.float32)]
 @pytest.fixture(scope="module")
 def images(docker_client, docker_archives):
     """case name -> image id, built from tests/resources/hostile_docker/<case>/Dockerfile."""
-    ids = {}
-    try:
-        for folder in sorted(p for p in (RESOURCES / "hostile_docker").iterdir() if (p / "Dockerfile").is_file()):
-            image, _ = docker_client.images.build(
-                path=str(RESOURCES), dockerfile=f"hostile_docker/{folder.name}/Dockerfile",
-                tag=f"xares-test/hostile-{folder.name}:latest", buildargs={"BASE_IMAGE": BASE}, rm=True, forcerm=True)
-            ids[folder.name] = image.id
-        docker_archives.prepare(ids.values())
+    with built_images(docker_client, docker_archives, RESOURCES, RESOURCES / "hostile_docker",
+                      "xares-test/hostile-") as ids:
         yield ids
-    finally:
-        for name in ids:
-            with contextlib.suppress(docker.errors.APIError):
-                docker_client.images.remove(f"xares-test/hostile-{name}:latest")
 
 
 def _log_json(log: str, key: str) -> dict:

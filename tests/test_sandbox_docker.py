@@ -10,7 +10,6 @@ CI=true (CI starts dockerd with docker/ci-docker.sh).
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import io
 import json
@@ -29,6 +28,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import soxr
+from conftest import built_images
 
 from evaluator.errors import EnvironmentUnavailable, SandboxError, SubmissionError
 from evaluator.resources import template_dir
@@ -58,19 +58,8 @@ def client(docker_client):
 @pytest.fixture(scope="module")
 def hostile_images(client, docker_archives):
     """case name -> image id, each built from tests/resources/containers/<case>/."""
-    ids = {}
-    try:
-        for folder in sorted(p for p in HOSTILE.iterdir() if (p / "Dockerfile").is_file()):
-            image, _ = client.images.build(path=str(HOSTILE), dockerfile=f"{folder.name}/Dockerfile",
-                                           tag=f"xares-test/{folder.name}:latest",
-                                           buildargs={"BASE_IMAGE": BASE}, rm=True, forcerm=True)
-            ids[folder.name] = image.id
-        docker_archives.prepare(ids.values())
+    with built_images(client, docker_archives, HOSTILE, HOSTILE, "xares-test/") as ids:
         yield ids
-    finally:
-        for name in ids:
-            with contextlib.suppress(docker.errors.APIError):
-                client.images.remove(f"xares-test/{name}:latest")
 
 
 def _write_image_tar(path: Path, image_id: str, tags) -> None:

@@ -198,8 +198,8 @@ def _batches(pieces: Sequence[_Piece], config: ExtractionConfig) -> Iterator[lis
     batch: list[_Piece] = []
     for p in sorted(pieces, key=lambda p: len(p.wave)):
         longest = max([len(p.wave)] + [len(q.wave) for q in batch])
-        apart = config.batching == "alone" or (config.batching == "equal_length" and longest != len(batch[0].wave)
-                                                if batch else False)
+        apart = bool(batch) and (config.batching == "alone" or (
+            config.batching == "equal_length" and len(p.wave) != len(batch[0].wave)))
         if batch and (apart or len(batch) + 1 > config.batch_clips
                       or longest * (len(batch) + 1) / SAMPLE_RATE > config.batch_seconds):
             yield batch

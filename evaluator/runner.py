@@ -227,7 +227,6 @@ class _Stages:
         # what the organizer's own probe measured decides how this encoder is run and stored
         self.extraction = ExtractionConfig(batching=probe.batching, fixed_frames=probe.fixed_frames,
                                            time_budget=opts.time_budget)
-        self.fixed_frames = probe.fixed_frames
         self.feature_dtype = probe.feature_dtype if opts.feature_dtype == "auto" else opts.feature_dtype
         self.store_root = opts.store_root or Path(opts.out) / "features"
         self.skips: dict[str, dict] = {}  # "<task>/<split>" -> skip counts
@@ -314,7 +313,7 @@ class _Stages:
         if not track.crop_audio_length:
             return None, 1
         if self.manifest.fixed_frames:
-            per_window = self.fixed_frames or 1
+            per_window = self.extraction.fixed_frames or 1
             windows = max(1, int(track.crop_audio_length // self.manifest.max_audio_seconds))
             return windows * per_window, per_window
         return max(1, round(track.crop_audio_length * self.manifest.frames_per_second)), 1

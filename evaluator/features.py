@@ -39,12 +39,13 @@ from pathlib import Path
 
 import numpy as np
 
+from evaluator.data.specs import Prompt
 from evaluator.errors import ConfigError, DataError, SubmissionError
 from evaluator.fileio import atomic_write_text, sha256_file
 
 log = logging.getLogger(__name__)
 
-STORE_VERSION = 1  # bump when the layout or what is stored changes: every old key becomes a miss
+STORE_VERSION = 2  # v2: XARES-LLM targets (corrupt-text filter, "" kept), peak-normalised audio, prompts. Bump when the layout or what is stored changes: every old key becomes a miss
 DTYPES = ("float16", "bfloat16", "float32")  # bfloat16: float32's range in half the bytes, 8-bit mantissa
 DEFAULT_SHARD_BYTES = 256 << 20  # ~256 MiB of features per shard file
 KEY_NAME = "key.json"
@@ -141,6 +142,7 @@ class Entry:
     frames: int  # T
     seconds: float  # audio duration that was encoded
     targets: tuple[str, ...] = ()
+    prompt: str | None = None  # the clip's own prompt (used when the task's prompt is empty)
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,7 @@ class Failure:
     seconds: float
     reason: str
     targets: tuple[str, ...] = ()
+    prompt: str | None = None
 
 
 @dataclass
@@ -163,6 +166,7 @@ class PendingClip:
     features: np.ndarray  # [T, D]
     seconds: float
     targets: tuple[str, ...] = ()
+    prompt: str | None = None
 
 
 @dataclass(frozen=True)
@@ -382,7 +386,7 @@ class FeatureStore:
         for p in clips:
             frames = int(p.features.shape[0])
             entries.append(
-                Entry(p.key, p.ordinal, name, offset, frames, float(p.seconds), tuple(p.targets))
+                Entry(p.key, p.ordinal, name, offset, frames, float(p.seconds), tuple(p.targets), p.prompt)
             )
             offset += frames
         part = {
@@ -470,7 +474,7 @@ class FeatureStore:
                 problems.append(f"{path}: sha256 differs from the index")
         return problems
 
-    def dataset(self, *, prompt: str, task: str | None = None) -> StoredFeatureDataset:
+    def dataset(self, *, prompt: Prompt, task: str | None = None) -> StoredFeatureDataset:
         """The finished store as a `FeatureDataset` for training and generation."""
         if not self.complete:
             raise DataError(f"feature store {self.path} is incomplete (no {DONE_NAME}); rerun the extraction")
@@ -482,14 +486,16 @@ class ArrayDataset:
     """A `FeatureDataset` held in memory, for features computed elsewhere (tests, benchmarks, notebooks)."""
 
     task: str
-    prompt: str
+    prompt: Prompt  # one prompt, or a list to draw from per sample
     arrays: list[np.ndarray]  # one [T, D] array per clip
     labels: list[tuple[str, ...]]  # the clip's reference texts
     keys: list[str] | None = None  # sample ids; default "<task>/<index>"
+    prompts: list[str | None] | None = None  # per-clip prompts (used when ``prompt`` is "")
 
     def __post_init__(self):
-        if len(self.arrays) != len(self.labels) or (self.keys is not None and len(self.keys) != len(self.arrays)):
-            raise ValueError("arrays, labels and keys must have one entry per clip")
+        if len(self.arrays) != len(self.labels) or any(
+                x is not None and len(x) != len(self.arrays) for x in (self.keys, self.prompts)):
+            raise ValueError("arrays, labels, keys and prompts must have one entry per clip")
 
     def __len__(self) -> int:
         return len(self.arrays)
@@ -503,6 +509,9 @@ class ArrayDataset:
     def targets(self, i: int) -> tuple[str, ...]:
         return self.labels[i]
 
+    def sample_prompt(self, i: int) -> str | None:
+        return self.prompts[i] if self.prompts is not None else None
+
 
 class StoredFeatureDataset:
     """`FeatureDataset` over a finished store: clips in data order, features memory-mapped.
@@ -511,7 +520,7 @@ class StoredFeatureDataset:
     `failed` (key -> Failure, with targets) so generation can score them as wrong.
     """
 
-    def __init__(self, store: FeatureStore, *, prompt: str, task: str | None = None):
+    def __init__(self, store: FeatureStore, *, prompt: Prompt, task: str | None = None):
         self.store = store
         self.task = task or store.key.task
         self.prompt = prompt
@@ -544,6 +553,9 @@ class StoredFeatureDataset:
 
     def targets(self, i: int) -> tuple[str, ...]:
         return self._entry(i).targets
+
+    def sample_prompt(self, i: int) -> str | None:
+        return self._entry(i).prompt
 
     def seconds(self, i: int) -> float:
         return self._entry(i).seconds

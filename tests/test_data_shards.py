@@ -11,7 +11,16 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from evaluator.data import Clip, SkipReport, extract_targets, load_audio, read_shard, shard_names, write_shard
+from evaluator.data import (
+    Clip,
+    SkipReport,
+    extract_targets,
+    is_corrupt_text,
+    load_audio,
+    read_shard,
+    shard_names,
+    write_shard,
+)
 from evaluator.data.xares_yaml import label_keys
 from evaluator.errors import DataError
 
@@ -75,14 +84,55 @@ class TestGoodShards:
             assert abs(np.argmax(spectrum) * 16000 / 12000 - 440) < 10  # still a 440 Hz tone at 16 kHz
 
     def test_label_rules(self):
+        # XARES-LLM's text_from_json: the first key holding a string (even ""), a number or a non-empty list
         keys = label_keys("text;caption;captions;label;labels")
-        assert extract_targets({"captions": ["a dog", "", "a barking dog"]}, keys) == ("a dog", "a barking dog")
+        assert extract_targets({"captions": ["a dog", "", "a barking dog"]}, keys) == ("a dog", "", "a barking dog")
         assert extract_targets({"num_speakers": 3}, label_keys("num_speakers")) == ("3",)
-        assert extract_targets({"label": "", "labels": "b;c"}, keys) == ("b;c",)  # empty value: next key
+        assert extract_targets({"num_speakers": 0}, label_keys("num_speakers")) == ("0",)
+        assert extract_targets({"label": "", "labels": "b;c"}, keys) == ("",)  # "" is a label: no fallback
+        assert extract_targets({"label": [], "labels": "b;c"}, keys) == ("b;c",)  # an empty list is none
+        assert extract_targets({"label": None, "labels": 2.5}, keys) == ("2.5",)
         assert extract_targets({"trans": "hi", "text": "other"}, label_keys("trans")) == ("hi",)
         assert extract_targets({"caption": "fallback"}, label_keys("long")) == ("fallback",)  # default keys
         assert extract_targets({"label": {"x": 1}}, keys) == ()
         assert extract_targets(["not", "a", "dict"], keys) == ()
+
+    @pytest.mark.parametrize("text, corrupt", [
+        ("", False),  # an empty label is valid
+        ("a dog barks", False),
+        ("7", False),
+        ("!!!???", True),  # more than half not alphanumeric
+        ("oh [__]", True),  # 3 of 7 alphanumeric: 4/7 > 0.5
+        ("a, b", False),  # 2 of 4 alphanumeric: exactly half is fine
+        (" ", True),
+        ("A\u0333\u0366B\u0333\u0366C", True),  # 4 combining marks
+        ("A\u0333\u0366BC", False),  # 2 marks, 3 of 5 alphanumeric
+        ("aaaaaabbbbbb", True),  # longer than 10 with fewer than 4 distinct characters
+        ("aaaaabbbbb", False),  # 10 characters: not "longer than 10"
+        ("abcd" * 5, False),
+    ])
+    def test_corrupt_text_filter(self, text, corrupt):
+        assert is_corrupt_text(text) is corrupt
+
+    def test_corrupt_texts_leave_the_sample_list(self, tmp_path):
+        members = [
+            ("a.wav", audio_bytes()), ("a.json", label(captions=["a dog barks", "!!!???", "rain"])),
+            ("b.wav", audio_bytes()), ("b.json", label(label="[__] [__]")),  # its only text is corrupt
+            ("c.wav", audio_bytes()), ("c.json", label(label="")),  # an empty label stays a sample
+        ]
+        clips, report = read(write_shard(tmp_path / "c.tar", members), keys=label_keys("label;captions"))
+        assert [(c.key, c.targets) for c in clips] == [("c.tar/a", ("a dog barks", "rain")), ("c.tar/c", ("",))]
+        assert report.counts["corrupt text"] == 2 and report.clips == 2
+        assert "2 corrupt text" in report.summary()
+        assert any("[__]" in ex for ex in report.examples["corrupt text"])
+
+    def test_per_sample_prompt_member(self, tmp_path):
+        members = [("a.wav", audio_bytes()), ("a.json", label(label="x")), ("a.prompt", b"Name the sound.\n"),
+                   ("b.wav", audio_bytes()), ("b.json", label(label="y")),
+                   ("c.wav", audio_bytes()), ("c.json", label(label="z")), ("c.prompt", b"\xff\xfe bad")]
+        clips, report = read(write_shard(tmp_path / "p.tar", members))
+        assert [(c.key, c.prompt) for c in clips] == [("p.tar/a", "Name the sound."), ("p.tar/b", None)]
+        assert report.counts["corrupt member"] == 1 and "c.prompt" in report.examples["corrupt member"][0]
 
     def test_shard_names_unique(self):
         paths = [Path("/d/0M0/test_0000-0000000.tar.gz"), Path("/d/000/test_0000-0000000.tar.gz"), Path("/d/x.tar")]
@@ -153,6 +203,21 @@ class TestLoadAudio:
     def test_unreadable_raises_data_error(self):
         with pytest.raises(DataError, match="not decodable audio"):
             load_audio(b"nope", name="x.wav")
+
+    def test_loud_clip_is_divided_by_its_peak(self):
+        # a float file may exceed 1; XARES-LLM divides such a clip by its peak (after the mono mix)
+        t = np.arange(8000) / 16000
+        wave = np.stack([2.5 * np.sin(2 * np.pi * 300 * t), 1.5 * np.sin(2 * np.pi * 300 * t)], axis=1)
+        buf = io.BytesIO()
+        sf.write(buf, wave.astype(np.float32), 16000, format="WAV", subtype="FLOAT")
+        got = load_audio(buf.getvalue())
+        mono = wave.mean(axis=1)
+        np.testing.assert_allclose(got, mono / np.abs(mono).max(), atol=1e-6)
+        assert np.abs(got).max() == pytest.approx(1.0)
+        # a clip within [-1, 1] is left as it is
+        buf = io.BytesIO()
+        sf.write(buf, (0.5 * mono / np.abs(mono).max()).astype(np.float32), 16000, format="WAV", subtype="FLOAT")
+        assert np.abs(load_audio(buf.getvalue())).max() == pytest.approx(0.5)
 
     def test_empty_is_empty(self):
         assert load_audio(audio_bytes(0.0)).size == 0

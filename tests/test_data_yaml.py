@@ -189,6 +189,18 @@ class TestErrors:
         with pytest.raises(ConfigError, match="batch_size"):
             load_xares_yaml(None, self.write(tmp_path, EVAL.replace("batch_size: 16", "batch_size: 0")))
 
+    def test_prompt_lists(self, tmp_path):
+        # XARES-LLM draws one prompt of a list per sample; a list of one is that prompt; anything else is refused
+        text = EVAL.replace("prompt: Classify the keyword.", "prompt: ['Classify the keyword.', 'Which word is it?']")
+        track = load_xares_yaml(None, self.write(tmp_path, text))
+        assert track.task("toy-words").prompt == ("Classify the keyword.", "Which word is it?")
+        text = EVAL.replace("prompt: Classify the keyword.", "prompt: ['Classify the keyword.']")
+        assert load_xares_yaml(None, self.write(tmp_path, text)).task("toy-words").prompt == "Classify the keyword."
+        for bad in ("[]", "[{role: user}]", "[1, 2]", "{a: b}"):
+            text = EVAL.replace("prompt: Classify the keyword.", f"prompt: {bad}")
+            with pytest.raises(ConfigError, match="prompt: expected a string or a non-empty list of strings"):
+                load_xares_yaml(None, self.write(tmp_path, text))
+
     def test_unsafe_task_id(self, tmp_path):
         with pytest.raises(ConfigError, match="task id"):
             load_xares_yaml(None, self.write(tmp_path, EVAL.replace("eval_toy-words", "eval_../x")))

@@ -1,6 +1,7 @@
 """Audio decoding: any soundfile format (wav, flac, mp3, ogg/vorbis, ogg/opus) to mono float32 at 16 kHz.
 
-Decoding happens in memory (no temporary files) and resampling uses soxr.
+Decoding happens in memory (no temporary files) and resampling uses soxr. As in XARES-LLM, a clip
+whose peak exceeds 1 after the mono mix (float files can) is divided by its peak before resampling.
 
 Example::
 
@@ -32,7 +33,8 @@ def load_audio(data: bytes | Path, *, sample_rate: int = SAMPLE_RATE, name: str 
         name: what to call the audio in error messages (default: the path).
 
     Returns:
-        float32 array [S] at ``sample_rate``; empty (S = 0) when the file holds no frames.
+        float32 array [S] at ``sample_rate``, peak-normalised when it exceeded 1; empty (S = 0) when the
+        file holds no frames.
 
     Raises:
         DataError: the data is not decodable audio, has non-finite samples or an absurd length.
@@ -56,6 +58,9 @@ def load_audio(data: bytes | Path, *, sample_rate: int = SAMPLE_RATE, name: str 
         return np.zeros(0, dtype=np.float32)
     if not np.isfinite(mono).all():
         raise DataError(f"{label}: audio has NaN or infinite samples")
+    peak = float(np.abs(mono).max())
+    if peak > 1.0:
+        mono = mono / np.float32(peak)
     if sr != sample_rate:
         mono = soxr.resample(mono, sr, sample_rate, quality="HQ")
     return np.ascontiguousarray(mono, dtype=np.float32)

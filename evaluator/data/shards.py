@@ -1,10 +1,14 @@
 """Webdataset shards (tar, tar.gz) to `Clip`s: members grouped by key, labels from json, audio decoded.
 
-A sample is ``<key>.<audio ext>`` + ``<key>.json`` (consecutive members sharing the key). Labels come
-from the first json key (configured ``a;b;c``, then captions, caption, text) holding a non-empty value;
-a list gives several targets and numbers become strings. Anything broken (a corrupt member, unreadable
-or empty audio, a missing label, a truncated shard) is skipped and counted in a `SkipReport`; reading
-goes on. Clip keys are ``<shard name>/<member key>``, unique and stable within a task split.
+A sample is ``<key>.<audio ext>`` + ``<key>.json`` (consecutive members sharing the key), optionally with
+``<key>.prompt`` (UTF-8 text: the clip's own prompt, used when the task's prompt is empty). Labels follow
+XARES-LLM's rules exactly, because they decide which samples exist: the first json key (configured
+``a;b;c``, then captions, caption, text) whose value is a string (even ""), a number (as ``str``) or a
+non-empty list wins; each text then passes the reference's corrupt-text filter, at training and at
+evaluation alike (`is_corrupt_text`), and a clip left with no text is skipped. Anything broken (a
+corrupt member, unreadable or empty audio, a missing label, a truncated shard) is skipped and counted in
+a `SkipReport`; reading goes on (the reference stops the run). Clip keys are
+``<shard name>/<member key>``, unique and stable within a task split.
 
 Example::
 
@@ -49,7 +53,10 @@ MISSING_AUDIO = "missing audio"
 UNREADABLE_AUDIO = "unreadable audio"
 EMPTY_AUDIO = "empty audio"
 MISSING_LABEL = "missing label"
-SKIP_REASONS = (CORRUPT_SHARD, CORRUPT_MEMBER, DUPLICATE_KEY, MISSING_AUDIO, UNREADABLE_AUDIO, EMPTY_AUDIO, MISSING_LABEL)
+CORRUPT_TEXT = "corrupt text"  # counts texts, not clips: a clip goes only when none of its texts is left
+SKIP_REASONS = (CORRUPT_SHARD, CORRUPT_MEMBER, DUPLICATE_KEY, MISSING_AUDIO, UNREADABLE_AUDIO, EMPTY_AUDIO, MISSING_LABEL,
+                CORRUPT_TEXT)
+PROMPT_EXTENSION = "prompt"
 
 
 @dataclass(frozen=True)
@@ -58,7 +65,8 @@ class Clip:
 
     key: str  # "<shard name>/<member key>"
     audio: np.ndarray  # float32 [S] at 16 kHz
-    targets: tuple[str, ...]  # one or more reference strings (several captions)
+    targets: tuple[str, ...]  # one or more reference strings (several captions); "" is a valid target
+    prompt: str | None = None  # the clip's own prompt (a ``<key>.prompt`` member), if it has one
 
 
 @dataclass
@@ -120,30 +128,58 @@ class SkipReport:
 
 
 def extract_targets(doc: Any, keys: Iterable[str]) -> tuple[str, ...]:
-    """Reference texts from a sample's json: the first key with a non-empty value wins.
+    """Reference texts from a sample's json, by XARES-LLM's rule (``text_from_json``).
 
-    Strings give one target, numbers their ``str``, lists one target per usable item.
+    The first key whose value is a string (the empty string included), a number (its ``str``) or a
+    non-empty list wins; a list gives one text per string or number in it. Corrupt texts are NOT removed
+    here: see `usable_targets`.
 
     Returns:
-        The targets, or an empty tuple when no key holds a usable label.
+        The texts, or an empty tuple when no key holds a label.
     """
     if not isinstance(doc, dict):
         return ()
     for k in keys:
         value = doc.get(k)
-        items = value if isinstance(value, list) else [value]
-        targets = tuple(t for t in (_as_text(v) for v in items) if t)
-        if targets:
-            return targets
+        if isinstance(value, list):
+            texts = tuple(t for t in map(_as_text, value) if t is not None)
+            if texts:
+                return texts
+        elif (text := _as_text(value)) is not None:
+            return (text,)
     return ()
 
 
 def _as_text(value: Any) -> str | None:
     if isinstance(value, str):
-        return value if value.strip() else None
-    if isinstance(value, (int, float)) and not (isinstance(value, float) and not np.isfinite(value)):
+        return value
+    if isinstance(value, (int, float)):  # bools too: the reference writes True as "True"
         return str(value)
     return None
+
+
+def is_corrupt_text(text: str) -> bool:
+    """XARES-LLM's corrupt-text filter: such a text is no sample, neither in training nor in the test set.
+
+    Corrupt: more than 3 combining diacritics (U+0301..U+036F), more than half of the characters not
+    alphanumeric, or longer than 10 characters with fewer than 4 distinct ones. The empty string is not
+    corrupt (an empty label is a valid target).
+    """
+    if not text:
+        return False
+    diacritics = sum(1 for c in text if 0x0300 < ord(c) < 0x0370)
+    alphanumeric = sum(1 for c in text if c.isalnum())
+    if diacritics > 3 or (len(text) - alphanumeric) / len(text) > 0.5:
+        return True
+    return len(text) > 10 and len(set(text)) < 4
+
+
+def usable_targets(texts: Iterable[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Split texts into (kept, corrupt) by `is_corrupt_text`, each in the original order."""
+    kept, corrupt = [], []
+    for t in texts:
+        (corrupt if is_corrupt_text(t) else kept).append(t)
+    return tuple(kept), tuple(corrupt)
 
 
 def shard_names(paths: list[Path]) -> list[str]:
@@ -278,11 +314,23 @@ def _sample(
     except ValueError as e:
         report.add(CORRUPT_MEMBER, f"{where}.{label_ext}", f"bad json ({e})")
         return None
-    targets = extract_targets(doc, keys)
-    if not targets:
+    texts = extract_targets(doc, keys)
+    if not texts:
         found = ", ".join(map(str, doc)) if isinstance(doc, dict) else type(doc).__name__
         report.add(MISSING_LABEL, where, f"none of {';'.join(keys)} in json (has: {found or 'nothing'})")
         return None
+    targets, corrupt = usable_targets(texts)
+    for text in corrupt:
+        report.add(CORRUPT_TEXT, where, repr(text[:60]))
+    if not targets:
+        return None
+    prompt = None
+    if PROMPT_EXTENSION in members:
+        try:
+            prompt = members[PROMPT_EXTENSION].decode("utf-8-sig").strip()
+        except UnicodeDecodeError:
+            report.add(CORRUPT_MEMBER, f"{where}.{PROMPT_EXTENSION}", "not UTF-8")
+            return None
     try:
         audio = load_audio(members[audio_ext], sample_rate=sample_rate, name=f"{where}.{audio_ext}")
     except DataError as e:
@@ -291,7 +339,7 @@ def _sample(
     if audio.size == 0:
         report.add(EMPTY_AUDIO, f"{where}.{audio_ext}", "0 samples")
         return None
-    return Clip(key=where, audio=audio, targets=targets)
+    return Clip(key=where, audio=audio, targets=targets, prompt=prompt or None)
 
 
 def _parse_json(data: bytes) -> Any:

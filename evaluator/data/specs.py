@@ -8,16 +8,37 @@ or `evaluator.data.tasks.get_track` and passed down unchanged.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from evaluator.data.patterns import expand_braces
 
 Split = Literal["train", "test"]
+Prompt = str | tuple[str, ...]  # one prompt, or XARES-LLM's prompt list (one drawn per sample)
 SPLITS: tuple[str, ...] = ("train", "test")
 
 # Top-level train-YAML fields with their XARES-LLM defaults (used when the YAML omits them).
 DEFAULT_DECODER = "HuggingFaceTB/SmolLM2-135M"
+
+
+def choose_prompt(prompt: Prompt, sample_prompt: str | None = None, *, draw: int = 0) -> str:
+    """The prompt of one sample, by XARES-LLM's rule.
+
+    A prompt list gives one of its prompts per sample (``draw`` picks it: the training sampler passes a
+    random number, generation `prompt_draw` of the clip's key, so an answer never depends on batching);
+    an empty task prompt gives way to the clip's own (a ``<key>.prompt`` member); otherwise the task's.
+    """
+    if isinstance(prompt, tuple):
+        return prompt[draw % len(prompt)]
+    if prompt == "" and sample_prompt:
+        return sample_prompt
+    return prompt
+
+
+def prompt_draw(key: str) -> int:
+    """A stable per-clip number for `choose_prompt` at evaluation (the same in every run and process)."""
+    return zlib.crc32(key.encode("utf-8"))
 
 
 @dataclass(frozen=True)
@@ -32,7 +53,7 @@ class TaskSpec:
     name: str  # the train name (e.g. "ESC-50"), or the id for eval-only tasks
     track: str  # the track this task belongs to ("A", "B-hidden", "demo-a", ...)
     hidden: bool = False
-    prompt: str = ""  # prompt at evaluation (the train prompt for train-only tasks)
+    prompt: Prompt = ""  # prompt at evaluation (the train prompt for train-only tasks); a tuple: drawn per sample
     train_keys: tuple[str, ...] = ()  # json label keys tried in order when reading train shards
     eval_keys: tuple[str, ...] = ()  # ... and test shards
     metric: str | None = None  # None: trained on, not scored
@@ -44,11 +65,11 @@ class TaskSpec:
     batch_size: int = 32  # evaluation batch size
     num_workers: int = 0  # evaluation loader workers (XARES-LLM field, informative here)
     weight: float = 1.0  # XARES-LLM eval field, kept for completeness
-    train_prompt: str | None = None  # only when the train YAML's prompt differs from ``prompt``
+    train_prompt: Prompt | None = None  # only when the train YAML's prompt differs from ``prompt``
     train_repo_id: str | None = None  # HF dataset repo of the train shards (None: local files)
 
     @property
-    def prompt_for_training(self) -> str:
+    def prompt_for_training(self) -> Prompt:
         return self.prompt if self.train_prompt is None else self.train_prompt
 
     def shards(self, split: Split) -> tuple[str, ...]:

@@ -327,12 +327,15 @@ def _check_fields(entry: dict, allowed: set[str], at: str) -> None:
         raise ConfigError(f"{at}: unknown field(s) {', '.join(hints)}; allowed: {', '.join(sorted(allowed))}")
 
 
-def _prompt(value: Any, at: str) -> str:
+def _prompt(value: Any, at: str) -> str | tuple[str, ...]:
+    """One prompt, or a non-empty list of prompts (XARES-LLM draws one per sample)."""
     if value is None:
         return ""
-    if not isinstance(value, str):
-        raise ConfigError(f"{at}.prompt: expected one string, got {type(value).__name__} (prompt lists are not supported)")
-    return value
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return value[0] if len(value) == 1 else tuple(value)
+    raise ConfigError(f"{at}.prompt: expected a string or a non-empty list of strings, got {value!r:.80}")
 
 
 def _key(value: Any, at: str) -> str | None:

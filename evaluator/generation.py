@@ -31,6 +31,7 @@ import torch
 
 from evaluator import compute
 from evaluator.compute import COMPILE_MODES
+from evaluator.data.specs import choose_prompt, prompt_draw
 from evaluator.errors import ConfigError, DataError
 from evaluator.model import AudioLLM, Batch
 
@@ -127,7 +128,8 @@ class Generator:
         """Decode one answer per item of ``dataset``.
 
         Args:
-            dataset: a FeatureDataset (task, prompt, len, key(i), features(i), targets(i)).
+            dataset: a FeatureDataset (task, prompt, len, key(i), features(i), targets(i), sample_prompt(i));
+                a prompt list gives each clip the prompt `prompt_draw` of its key picks.
             progress: show a progress bar.
 
         Returns:
@@ -140,7 +142,8 @@ class Generator:
             raise RuntimeError("Generator.generate outside its `with` block")
         model, n = self.model, len(dataset)
         texts: list[str | None] = [None] * n
-        prompt = model.prompt_ids(dataset.prompt)
+        prompts = [model.prompt_ids(choose_prompt(dataset.prompt, dataset.sample_prompt(i),
+                                                  draw=prompt_draw(dataset.key(i)))) for i in range(n)]
         buffer = self.batch_size * self.options.sort_batches
         with _progress_bar(progress, n, dataset.task) as tick:
             for start in range(0, n, buffer):
@@ -149,7 +152,7 @@ class Generator:
                 idx.sort(key=lambda i: -feats[i].shape[0])  # longest first: the slowest batch shows early
                 for b in range(0, len(idx), self.batch_size):
                     rows = idx[b : b + self.batch_size]
-                    batch = Batch(features=[feats[i] for i in rows], prompt_ids=[prompt] * len(rows))
+                    batch = Batch(features=[feats[i] for i in rows], prompt_ids=[prompts[i] for i in rows])
                     for i, ids in zip(rows, self._decode(batch)):
                         texts[i] = model.decode(ids)
                     tick(len(rows))
@@ -220,7 +223,7 @@ def generate(model: AudioLLM, dataset, options: DecodingOptions = DecodingOption
 
     Args:
         model: trained `AudioLLM` (left as it was).
-        dataset: a FeatureDataset (task, prompt, len, key(i), features(i), targets(i)).
+        dataset: a FeatureDataset (task, prompt, len, key(i), features(i), targets(i), sample_prompt(i)).
         options: decoding settings.
         progress: show a progress bar.
 

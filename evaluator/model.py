@@ -165,8 +165,15 @@ class AudioLLM(nn.Module):
         return self._prompt_cache[prompt]
 
     def target_ids(self, text: str) -> list[int]:
-        """Target tokens followed by EOS, so the decoder learns to stop."""
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) + [self.eos_token_id]
+        """Target tokens followed by EOS, so the decoder learns to stop.
+
+        Tokenized as XARES-LLM does, ``tokenizer(text + eos_token)`` with the default special tokens: the
+        same ids for SmolLM2, and the same ids as the reference for a tokenizer that adds a BOS too.
+        """
+        eos = self.tokenizer.eos_token
+        if not eos:
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) + [self.eos_token_id]
+        return list(self.tokenizer(text + eos)["input_ids"])
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True).strip()

@@ -30,6 +30,7 @@ import torch
 
 from evaluator import compute
 from evaluator.compute import COMPILE_MODES
+from evaluator.data.specs import Prompt, choose_prompt
 from evaluator.errors import ConfigError, DataError, XaresError
 from evaluator.model import AudioLLM, Batch, Collated
 
@@ -42,12 +43,13 @@ FINAL_WEIGHTS = "trainable.safetensors"  # in out_dir once training is complete
 
 class FeatureDataset(Protocol):  # the features stage's interface (docs/architecture.md)
     task: str
-    prompt: str
+    prompt: Prompt  # a tuple: one drawn per sample
 
     def __len__(self) -> int: ...
     def key(self, i: int) -> str: ...
     def features(self, i: int) -> np.ndarray: ...
     def targets(self, i: int) -> tuple[str, ...]: ...
+    def sample_prompt(self, i: int) -> str | None: ...
 
 
 @dataclass(frozen=True)
@@ -130,10 +132,12 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
 class BatchSampler:
     """Deterministic, resumable stream of training batches over several datasets.
 
-    Buffer k draws ``sort_buffer`` examples (dataset by probability, items in a per-epoch permutation,
-    one example per target text), sorts them by length, cuts them into batches (an incomplete last
-    batch is dropped, as XARES-LLM does) and shuffles the batch order. Everything random comes from
-    ``seed`` and k, so the state is just (k, cursors at the start of buffer k, batches taken).
+    The unit drawn is XARES-LLM's sample, one (clip, target text) pair: a clip with three captions is
+    three samples, so a task's share of the stream is its mixture weight whatever its texts per clip.
+    Buffer k draws ``sort_buffer`` samples (dataset by probability, pairs in a per-epoch permutation),
+    sorts them by length, cuts them into batches (an incomplete last batch is dropped, as XARES-LLM does)
+    and shuffles the batch order. Everything random comes from ``seed`` and k, so the state is just
+    (k, cursors at the start of buffer k, batches taken).
     """
 
     def __init__(self, model: AudioLLM, datasets: Sequence[FeatureDataset], probs: Sequence[float], cfg: TrainConfig):
@@ -141,7 +145,8 @@ class BatchSampler:
         self.probs = _normalise(probs, len(self.datasets))
         self.state = {"buffer": 0, "cursors": [[0, 0] for _ in self.datasets], "taken": 0}
         self._batches: list[Batch] | None = None
-        self._orders: dict[tuple[int, int], np.ndarray] = {}  # (dataset, epoch) -> item permutation
+        self._orders: dict[tuple[int, int], np.ndarray] = {}  # (dataset, epoch) -> pair permutation
+        self._pairs: dict[int, np.ndarray] = {}  # dataset -> [N, 2] (item, text index)
 
     def state_dict(self) -> dict:
         return json.loads(json.dumps(self.state))
@@ -165,30 +170,34 @@ class BatchSampler:
             self.state = {"buffer": self.state["buffer"] + 1, "cursors": self._cursors, "taken": 0}
             self._batches = None
 
-    def _next_item(self, d: int) -> int:
+    def _samples(self, d: int) -> np.ndarray:
+        if d not in self._pairs:
+            ds = self.datasets[d]
+            pairs = [(i, j) for i in range(len(ds)) for j in range(len(ds.targets(i)))]
+            if not pairs:
+                raise DataError(f"task {ds.task}: no training sample (no clip has a target text)")
+            self._pairs[d] = np.asarray(pairs, dtype=np.int64)
+        return self._pairs[d]
+
+    def _next_sample(self, d: int) -> tuple[int, int]:
+        pairs = self._samples(d)
         epoch, pos = self._cursors[d]
-        n = len(self.datasets[d])
+        n = len(pairs)
         if (d, epoch) not in self._orders:
             self._orders = {key: v for key, v in self._orders.items() if key[0] != d}
             self._orders[d, epoch] = np.random.default_rng([self.cfg.seed, 1 + d, epoch]).permutation(n)
-        item = int(self._orders[d, epoch][pos])
+        item, text = pairs[self._orders[d, epoch][pos]]
         self._cursors[d] = [epoch + 1, 0] if pos + 1 == n else [epoch, pos + 1]
-        return item
+        return int(item), int(text)
 
     def _fill(self, k: int) -> list[Batch]:
         cfg = self.cfg
         rng = np.random.default_rng([cfg.seed, 0, k])
-        examples, misses = [], 0
+        examples = []
         while len(examples) < cfg.sort_buffer:
             d = int(rng.choice(len(self.datasets), p=self.probs))
             ds = self.datasets[d]
-            i = self._next_item(d)
-            targets = [t for t in ds.targets(i) if t and t.strip()]
-            if not targets:
-                misses += 1
-                if misses > 10 * cfg.sort_buffer + sum(len(x) for x in self.datasets):
-                    raise DataError(f"task {ds.task}: no item has a non-empty target text")
-                continue
+            i, j = self._next_sample(d)
             feats = np.array(ds.features(i), dtype=np.float32)  # a copy: torch wants writable memory
             if feats.ndim != 2 or feats.shape[0] == 0 or feats.shape[1] != self.model.config.encoder_dim:
                 raise DataError(f"task {ds.task}, item {ds.key(i)}: features have shape {feats.shape}, expected "
@@ -198,9 +207,9 @@ class BatchSampler:
             if cfg.crop_frames and feats.shape[0] > cfg.crop_frames:
                 start = cfg.crop_align * int(rng.integers(0, (feats.shape[0] - cfg.crop_frames) // cfg.crop_align + 1))
                 feats = feats[start : start + cfg.crop_frames]
-            prompt = self.model.prompt_ids(ds.prompt)
-            for text in targets:
-                examples.append((torch.from_numpy(feats), prompt, self.model.target_ids(text)))
+            draw = int(rng.integers(len(ds.prompt))) if isinstance(ds.prompt, tuple) else 0
+            prompt = self.model.prompt_ids(choose_prompt(ds.prompt, ds.sample_prompt(i), draw=draw))
+            examples.append((torch.from_numpy(feats), prompt, self.model.target_ids(ds.targets(i)[j])))
         # longest first, then cut; ties keep draw order so the result is deterministic
         examples.sort(key=lambda e: -(e[0].shape[0] + len(e[1]) + len(e[2])))
         cut = [examples[j : j + cfg.batch_size] for j in range(0, len(examples) - cfg.batch_size + 1, cfg.batch_size)]

@@ -65,6 +65,23 @@ class TestGenerate:
             alone = generate(lm_model, one, DecodingOptions(batch_size=1, max_new_tokens=12), progress=False)
             assert alone[0].text == preds[i].text
 
+    def test_prompt_lists_and_own_prompts_per_clip(self, lm_model):
+        # a prompt list gives each clip the prompt its key draws (stable, whatever the batching); an
+        # empty task prompt gives way to the clip's own prompt
+        from evaluator.data import choose_prompt, prompt_draw
+
+        base = Items([3, 5, 4, 6, 2, 7], seed=4)
+        listed = ArrayDataset("toy", ("Describe the sound.", "What do you hear?"), base.arrays, base.labels)
+        own = ArrayDataset("toy", "", base.arrays, base.labels, prompts=["What do you hear?", None] * 3)
+        opts = DecodingOptions(batch_size=4, max_new_tokens=10)
+        for ds in (listed, own):
+            preds = generate(lm_model, ds, opts, progress=False)
+            for i, p in enumerate(preds):
+                prompt = choose_prompt(ds.prompt, ds.sample_prompt(i), draw=prompt_draw(ds.key(i)))
+                one = ArrayDataset("toy", prompt, [base.arrays[i]], [("unused",)], keys=[ds.key(i)])
+                assert generate(lm_model, one, opts, progress=False)[0].text == p.text
+        assert len({choose_prompt(listed.prompt, None, draw=prompt_draw(listed.key(i))) for i in range(6)}) == 2
+
     @pytest.mark.parametrize("merge", [False, True])
     def test_kv_loop_matches_stock_generate(self, random_model, merge):
         items = Items([4, 6, 2, 5], seed=1)

@@ -35,6 +35,16 @@ def _batch(model, frames=(5, 2), texts=("a dog barks", "rain")):
                  target_ids=[model.target_ids(t) for t in texts])
 
 
+def test_text_is_tokenized_as_the_reference_does(model):
+    # XARES-LLM: prompt = tokenizer(prompt); target = tokenizer(text + eos_token), default special tokens
+    tok = model.tokenizer
+    for text in ("a dog barks", "", "rain falls on the roof", "7"):
+        assert model.target_ids(text) == tok(text + tok.eos_token)["input_ids"]
+        assert model.target_ids(text)[-1] == model.eos_token_id
+        assert model.decode(model.target_ids(text)) == text.strip()  # EOS is skipped when decoding
+    assert model.prompt_ids("Classify the sound.") == tok("Classify the sound.")["input_ids"]
+
+
 class TestTrainable:
     def test_only_projector_and_lora_train(self, model):
         names = model.trainable_names()

@@ -85,6 +85,38 @@ class TestSampler:
             assert got.target_ids == want.target_ids
             assert all(torch.equal(x, y) for x, y in zip(got.features, want.features))
 
+    def test_the_unit_mixed_is_one_text_not_one_clip(self, decoder_dir):
+        # XARES-LLM mixes (clip, text) samples by prob: a task whose clips carry three captions gets its
+        # weight's share of samples, not three times it, and every caption is trained on
+        model = _model(decoder_dir)
+        captions = ArrayDataset("cap", "Caption it.", [np.ones((4, D), np.float32)] * 20,
+                                [(f"c{i} one", f"c{i} two", f"c{i} three") for i in range(20)])
+        single = ToyTask(20, 0, task="single")
+        sampler = BatchSampler(model, [captions, single], [1, 1], TrainConfig(batch_size=4, sort_buffer=32))
+        rows = [(p, t) for b in (next(sampler) for _ in range(200)) for p, t in zip(b.prompt_ids, b.target_ids)]
+        share = sum(p == model.prompt_ids("Caption it.") for p, _ in rows) / len(rows)
+        assert 0.45 < share < 0.55  # per clip it would be 3/4
+        texts = {model.tokenizer.decode(t[:-1]) for p, t in rows if p == model.prompt_ids("Caption it.")}
+        assert texts == {f"c{i} {w}" for i in range(20) for w in ("one", "two", "three")}
+
+    def test_prompt_lists_and_per_sample_prompts(self, decoder_dir):
+        model = _model(decoder_dir)
+        drawn = ArrayDataset("listed", ("Classify the sound.", "What is it?"), [np.ones((4, D), np.float32)] * 8,
+                             [(CLASSES[0],)] * 8)
+        own = ArrayDataset("own", "", [np.ones((4, D), np.float32)] * 8, [(CLASSES[1],)] * 8,
+                           prompts=["Name the sound."] * 4 + [None] * 4)
+        sampler = BatchSampler(model, [drawn, own], [1, 1], TrainConfig(batch_size=4, sort_buffer=32))
+        prompts = [tuple(p) for b in (next(sampler) for _ in range(40)) for p in b.prompt_ids]
+        want = {tuple(model.prompt_ids(p)) for p in ("Classify the sound.", "What is it?", "Name the sound.", "")}
+        assert set(prompts) == want  # both list prompts drawn, the clip's own prompt, and "" without one
+
+    def test_an_empty_target_trains_to_stop(self, decoder_dir):
+        # an empty label is a sample in XARES-LLM: its target is EOS alone
+        model = _model(decoder_dir)
+        ds = ArrayDataset("e", "Say nothing.", [np.ones((4, D), np.float32)] * 4, [("",)] * 4)
+        batch = next(BatchSampler(model, [ds], [1], TrainConfig(batch_size=4, sort_buffer=4)))
+        assert batch.target_ids == [[model.eos_token_id]] * 4
+
     def test_batches_are_length_sorted(self, decoder_dir):
         model = _model(decoder_dir)
         sampler = BatchSampler(model, [ToyTask(64, 2)], [1], TrainConfig(batch_size=4, sort_buffer=64))

@@ -1,19 +1,20 @@
 """Score generated text against targets the way XARES-LLM does.
 
-Every metric returns a float in [0, 1], higher is better. The registry ``METRICS`` is a plain dict;
+Higher is better. Accuracy, mAP, iWER and iCER lie in [0, 1]; FENSE and DATE are left as mecat returns
+them (a mean of cosine similarities can dip below 0, and the reference does not clamp it). The
+registry ``METRICS`` is a plain dict;
 ``score(name, predictions, references, **kwargs)`` is the one entry point::
 
     from evaluator.metrics import score
-    score("Accuracy", ["Dog barking"], [["dog barking", "dog"]])           # -> 1.0
+    score("Accuracy", ["Dog barking"], [["dog barking", "dog"]])           # -> 0.5 (one sample per reference)
     score("mAP", ["dog;cat"], ["dog;bird"], num_classes=41)
     scorer = load_caption_scorer(MetricModels.from_env())                   # once per run
     score("FENSE", preds, refs, scorer=scorer)
 
 Several references per sample. XARES-LLM turns every target of a clip into its own evaluation sample
-(same audio, same greedy prediction), so its corpus-level metrics are computed over
-(prediction, reference) *pairs*. iWER, iCER, mAP, FENSE and DATE do exactly that here, which reproduces
-the reference's numbers. Accuracy instead counts a clip as a hit when the prediction matches *any* of
-its references (the project's rule for alternative labels); with one reference per clip both agree.
+(same audio, same greedy prediction), so every metric here, Accuracy included, is computed over
+(prediction, reference) *pairs*: a clip with two references counts twice, and a prediction matching
+one of them scores 1 of 2. That reproduces the reference's numbers.
 
 FENSE and DATE use the ``mecat`` package (what the reference calls) with models read from local paths
 only: nothing is ever downloaded. See `MetricModels`.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import math
 import os
 import re
 import string
@@ -109,9 +111,9 @@ def _pairs(predictions: Sequence[str], refs: list[list[str]]) -> tuple[list[str]
 
 
 def accuracy(predictions: Sequence[str], references: list[list[str]]) -> float:
-    """Share of samples whose normalised prediction equals any normalised reference."""
-    hits = sum(normalize(p) in {normalize(r) for r in rs} for p, rs in zip(predictions, references))
-    return hits / len(predictions)
+    """Share of (prediction, reference) pairs whose normalised strings are equal (sklearn's accuracy_score)."""
+    preds, targets = _pairs(predictions, references)
+    return sum(normalize(p) == normalize(t) for p, t in zip(preds, targets)) / len(preds)
 
 
 def mean_average_precision(
@@ -392,8 +394,7 @@ def score(name: str, predictions: Sequence[str], references: Sequence[Reference]
             Keyword arguments the metric does not take are ignored for ``None`` values only.
 
     Returns:
-        The score in [0, 1], higher is better (clamped: FENSE's mean cosine can dip below 0, and
-        results.schema.json holds scores in [0, 1]).
+        The score, higher is better: in [0, 1], except FENSE and DATE, which may be negative (down to -1).
 
     Raises:
         ConfigError: unknown metric, unknown or missing metric argument.
@@ -407,5 +408,7 @@ def score(name: str, predictions: Sequence[str], references: Sequence[Reference]
         raise ConfigError(f"metric {name} takes no argument {', '.join(unknown)} (it takes: "
                           f"{', '.join(metric.kwargs) or 'none'})")
     refs = _check_inputs(name, predictions, references)
-    value = metric.fn(list(predictions), refs, **{k: v for k, v in kwargs.items() if k in metric.kwargs})
-    return min(1.0, max(0.0, float(value)))
+    value = float(metric.fn(list(predictions), refs, **{k: v for k, v in kwargs.items() if k in metric.kwargs}))
+    if not math.isfinite(value):
+        raise DataError(f"{name}: the metric returned {value} (not a number)")
+    return value

@@ -47,7 +47,7 @@ class TaskResult:
     task: str
     hidden: bool
     metric: str
-    score: float  # in [0, 1]; 0 when failed
+    score: float  # in [0, 1] (FENSE, DATE: [-1, 1]); 0 when failed
     n_samples: int
     failed: bool = False
     error: str | None = None
@@ -80,7 +80,7 @@ class Entry:
 
 @dataclass(frozen=True)
 class TrackScore:
-    score: float  # in [0, 1]
+    score: float  # the track score (FENSE and DATE may pull it below 0)
     public: float | None  # mean of the public tasks, None when there are none
     hidden: float | None  # mean of the hidden tasks, None when there are none
     partial: bool  # one half is absent: score is the mean of the other
@@ -208,8 +208,9 @@ def results_document(
 
 
 def _best(a: TaskResult, b: TaskResult) -> TaskResult:
-    """The better of two results for one task: higher score, then success over failure, then machine."""
-    return max((a, b), key=lambda t: (t.score, not t.failed, t.machine))
+    """The better of two results for one task: a measurement over a failure (a failed run's 0 must not
+    beat a real, negative FENSE), then the higher score, then the machine name (a stable tie-break)."""
+    return max((a, b), key=lambda t: (not t.failed, t.score, t.machine))
 
 
 def merge_machines(results: Iterable[Results]) -> list[Entry]:

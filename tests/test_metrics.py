@@ -34,9 +34,19 @@ class TestAccuracy:
         # hits: "Dog!" == "dog" (1), "a cat" != "cat" (0), "Hip-hop" == "hip hop" (1) -> 2/3
         assert score("Accuracy", ["Dog!", "a cat", "Hip-hop"], ["dog", "cat", "hip hop"]) == pytest.approx(2 / 3)
 
-    def test_any_reference_counts(self):
-        # sample 1 matches its second reference, sample 2 matches none -> 1/2
-        assert score("Accuracy", ["hound", "bird"], [["dog", "Hound"], ["cat", "fish"]]) == 0.5
+    def test_one_sample_per_reference(self):
+        # as XARES-LLM: (hound, dog) 0, (hound, Hound) 1, (bird, cat) 0, (bird, fish) 0 -> 1/4
+        assert score("Accuracy", ["hound", "bird"], [["dog", "Hound"], ["cat", "fish"]]) == 0.25
+        # a clip with three references weighs three times a clip with one
+        assert score("Accuracy", ["a", "b"], [["a", "a", "a"], ["x"]]) == 0.75
+
+    def test_matches_sklearn_over_expanded_pairs(self):
+        from sklearn.metrics import accuracy_score
+
+        preds, refs = ["Dog", "cat!", "", "hip-hop"], [["dog", "hound"], ["cat"], [""], ["hip hop", "rap", "x"]]
+        flat_p = [normalize(p) for p, rs in zip(preds, refs) for _ in rs]
+        flat_t = [normalize(r) for rs in refs for r in rs]
+        assert score("Accuracy", preds, refs) == pytest.approx(accuracy_score(flat_t, flat_p))
 
     def test_empty_prediction_matches_only_empty_reference(self):
         assert score("Accuracy", ["", "!"], ["", "x"]) == 0.5  # "!" normalises to "" != "x"
@@ -125,6 +135,20 @@ class TestRegistry:
     def test_no_samples(self):
         with pytest.raises(DataError, match="0 samples"):
             score("Accuracy", [], [])
+
+    def test_caption_scores_are_not_clamped(self):
+        # FENSE/DATE (a mean of cosine similarities) can be negative; the reference reports them as they are
+        seen = []
+
+        def scorer(kind, preds, refs):
+            seen.append((kind, preds, refs))
+            return -0.25
+
+        assert score("FENSE", ["a b"], [["c", "d"]], scorer=scorer) == -0.25
+        assert score("DATE", ["a b"], ["c"], scorer=scorer) == -0.25
+        assert seen[0] == ("fense", ["a b"], [["c", "d"]])
+        with pytest.raises(DataError, match="not a number"):
+            score("FENSE", ["a"], ["b"], scorer=lambda *a: float("nan"))
 
     def test_bad_reference_and_argument(self):
         with pytest.raises(ValueError, match="reference 0"):

@@ -102,6 +102,15 @@ class TestResults:
         doc["tasks"][0]["score"] = score
         assert schema_errors(doc, "results")
 
+    @pytest.mark.parametrize("metric, score, valid", [
+        ("FENSE", -0.2, True), ("DATE", -1.0, True), ("FENSE", -1.01, False), ("FENSE", 1.01, False),
+        ("iWER", -0.2, False), ("mAP", -0.001, False),
+    ])
+    def test_only_caption_scores_may_be_negative(self, metric, score, valid):
+        doc = copy.deepcopy(MINIMAL_RESULTS)
+        doc["tasks"][0].update(metric=metric, score=score)
+        assert (schema_errors(doc, "results") == []) is valid
+
 
 class TestManifest:
     def test_round_trip(self):

@@ -89,6 +89,14 @@ class TestMerge:
         [entry] = merge_machines(rs)
         assert not entry.tasks[0].failed and entry.tasks[0].score == 0.3
 
+    def test_a_negative_caption_score_beats_a_failure(self):
+        # FENSE can be negative; a failed run's 0 is no measurement and must not win the per-task maximum
+        rs = [results("a", "m1", "B", task("clotho", 0.0, failed=True, metric="FENSE")),
+              results("a", "m2", "B", task("clotho", -0.1, metric="FENSE"))]
+        [entry] = merge_machines(rs)
+        assert not entry.tasks[0].failed and entry.tasks[0].score == -0.1
+        assert track_score(entry.tasks, two_halves=False).score == pytest.approx(-0.1)
+
     def test_failed_everywhere_stays_failed(self):
         rs = [results("a", "m1", "B", task("asr", 0, failed=True)), results("a", "m2", "B", task("asr", 0, failed=True))]
         assert merge_machines(rs)[0].tasks[0].failed

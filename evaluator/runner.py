@@ -26,7 +26,18 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from evaluator.data import SkipReport, TaskSpec, TrackSpec, clips_by_key, get_track, iter_clips, shard_digests
+from evaluator.data import (
+    SkipReport,
+    TaskSpec,
+    TrackSpec,
+    choose_prompt,
+    clips_by_key,
+    get_track,
+    iter_clips,
+    prompt_draw,
+    shard_digests,
+)
+from evaluator.data.reference_order import EvalSample, reference_eval_order
 from evaluator.errors import DataError, SubmissionError, XaresError, first_line
 from evaluator.extraction import ExtractionConfig, extract, sample_keys, spot_check
 from evaluator.features import FeatureRangeError, FeatureStore, StoreKey
@@ -39,7 +50,7 @@ from evaluator.submission.probe import ProbeConfig, ProbeReport, run_probe
 
 logger = logging.getLogger(__name__)
 
-RUN_FORMAT = 1  # bump when the layout or the meaning of a stage's output changes
+RUN_FORMAT = 2  # v2: per-text mixture, per-reference accuracy, ref_index in predictions. Bump when the layout or the meaning of a stage's output changes
 PREDICTIONS_DIR = "predictions"
 DIGEST_CACHE = ".cache/sha256.json"  # under --out: digests of decoder files by (path, size, mtime)
 SPOT_CHECK_MIN_CLIPS = 4  # re-extract at least this many clips, however small the share
@@ -376,7 +387,7 @@ class _Stages:
                 try:
                     if task.id in self.errors:
                         raise DataError(self.errors[task.id])
-                    rows = self._predictions(task, stores[task.id], generator, run_dir)
+                    rows = self._predictions(task, stores[task.id], generator, run_dir, model)
                     scorer = scorer or self._caption_scorer(task)
                     value = _score(task, rows, scorer)
                     results.append(TaskResult(task.id, task.hidden, task.metric, value, len(rows)))
@@ -398,21 +409,33 @@ class _Stages:
                                batch_size=self.opts.eval_batch_size, compile=self.opts.compile,
                                precision=self.opts.precision)
 
-    def _predictions(self, task: TaskSpec, store: FeatureStore, generator: _OnFirstUse, run_dir: Path) -> list[dict]:
-        """Predictions of one task with sample ids, in data order; reused when already complete."""
+    def _predictions(self, task: TaskSpec, store: FeatureStore, generator: _OnFirstUse, run_dir: Path,
+                     model) -> list[dict]:
+        """Predictions of one task with sample ids, in data order; reused when already complete.
+
+        Each row also lists ``ref_index``: where each of its references lands in the reference's own
+        predictions_<task>.csv (one sample per reference there), to diff the two line by line.
+        """
         path = run_dir / PREDICTIONS_DIR / f"{task.id}.jsonl"
         if path.exists():
             return [json.loads(line) for line in path.read_text().splitlines() if line]
         dataset = store.dataset(prompt=task.prompt, task=task.id)
         predictions = generator.get().generate(dataset, progress=self.opts.progress) if len(dataset) else []
-        rows = [{"id": p.key, "prediction": p.text, "references": list(dataset.targets(i)), "status": "ok"}
+        rows = [{"id": p.key, "prediction": p.text, "references": list(dataset.targets(i)), "status": "ok",
+                 "_prompt": dataset.sample_prompt(i), "_seconds": dataset.seconds(i)}
                 for i, p in enumerate(predictions)]
         # clips the encoder failed on stay in the test set, scored as wrong (empty prediction)
         rows += [{"id": f.key, "prediction": "", "references": list(f.targets), "status": "encoder_failed",
-                  "error": f.reason} for f in store.failures.values()]
+                  "error": f.reason, "_prompt": f.prompt, "_seconds": f.seconds} for f in store.failures.values()]
         order = {**{e.key: e.ordinal for e in store.entries.values()},
                  **{f.key: f.ordinal for f in store.failures.values()}}
         rows.sort(key=lambda r: order[r["id"]])
+        samples = [EvalSample(shard=r["id"].rsplit("/", 1)[0], texts=len(r["references"]), seconds=r.pop("_seconds"),
+                              prompt_tokens=len(model.prompt_ids(choose_prompt(task.prompt, r.pop("_prompt"),
+                                                                               draw=prompt_draw(r["id"])))))
+                   for r in rows]
+        for r, index in zip(rows, reference_eval_order(task, samples, data_home=self.opts.data_home)):
+            r["ref_index"] = list(index)
         atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         return rows
 

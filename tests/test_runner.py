@@ -61,6 +61,9 @@ def test_run_writes_schema_valid_results_and_keyed_outputs(world):
         keys = [c.key for c in iter_clips(task, "test", data_home=data_home, limit=6)]
         assert [r["id"] for r in rows] == keys
         assert all(r["references"] for r in rows)
+        # and each reference's row in the reference's own predictions file: a permutation of its rows
+        assert all(len(r["ref_index"]) == len(r["references"]) for r in rows)
+        assert sorted(i for r in rows for i in r["ref_index"]) == list(range(sum(len(r["references"]) for r in rows)))
     assert (outcome.run_dir / "scores.tsv").read_text().startswith("rank\tsubmission")
     assert (outcome.run_dir / "run.log").exists()
     assert any("probe: 8 checks passed" in line for line in lines)

@@ -318,16 +318,17 @@ class _Stages:
     def max_steps(self, track: TrackSpec) -> int:
         return self.opts.max_steps if self.opts.max_steps is not None else track.max_steps
 
-    def _crop(self, track: TrackSpec) -> tuple[int | None, int]:
-        """(crop_frames, crop_align) for training: crop_audio_length seconds of frames. A fixed-frame
-        encoder saw the audio in windows of max_audio_seconds, each giving the same count: whole windows."""
+    def _crop(self, track: TrackSpec) -> tuple[int | None, int, float | None]:
+        """(crop_frames, crop_align, crop_seconds) for training: crop_audio_length seconds of frames. A
+        fixed-frame encoder saw the audio in equal windows of at most max_audio_seconds, each giving the
+        same count: whole windows, as many per clip as come closest to crop_audio_length of its audio."""
         if not track.crop_audio_length:
-            return None, 1
+            return None, 1, None
         if self.manifest.fixed_frames:
             per_window = self.extraction.fixed_frames or 1
             windows = max(1, int(track.crop_audio_length // self.manifest.max_audio_seconds))
-            return windows * per_window, per_window
-        return max(1, round(track.crop_audio_length * self.manifest.frames_per_second)), 1
+            return windows * per_window, per_window, track.crop_audio_length
+        return max(1, round(track.crop_audio_length * self.manifest.frames_per_second)), 1, None
 
     def train(self, track: TrackSpec, stores: dict[str, FeatureStore], sub_dir: Path):
         from evaluator.model import ModelConfig, build_model
@@ -342,7 +343,7 @@ class _Stages:
             weight_decay=track.weight_decay, max_grad_norm=track.max_grad_norm,
             batch_size=track.per_device_train_batch_size,
             seed=self.opts.seed if self.opts.seed is not None else track.seed,
-            crop_frames=crop[0], crop_align=crop[1],
+            crop_frames=crop[0], crop_align=crop[1], crop_seconds=crop[2],
             precision=self.opts.precision, threads=self.opts.threads, device=self.device, compile=self.opts.compile,
             checkpoint_every=min(self.opts.checkpoint_every, self.max_steps(track)),
         )

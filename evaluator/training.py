@@ -67,6 +67,9 @@ class TrainConfig:
     sort_buffer: int = 128  # examples drawn, sorted by length and cut into batches at a time
     crop_frames: int | None = None  # random crop of longer clips (30 s of the encoder's frames); None: off
     crop_align: int = 1  # crops start at a multiple of this (a fixed-frame encoder's frames per window)
+    # with crop_align > 1: keep, per clip, the number of whole windows whose audio is closest to this many
+    # seconds (a 30.01 s clip encoded as two 15 s windows keeps both, as the reference's 30 s audio crop)
+    crop_seconds: float | None = None
     seed: int = 42
     # execution (these do not change the result, except precision)
     precision: str = "fp32"  # fp32: deterministic and reproducible | bf16: autocast, faster, not bitwise stable
@@ -92,6 +95,8 @@ class TrainConfig:
             problems.append(f"crop_frames must be >= 1 or None (got {self.crop_frames})")
         if self.crop_align < 1:
             problems.append(f"crop_align must be >= 1 (got {self.crop_align})")
+        if self.crop_seconds is not None and not self.crop_seconds > 0:
+            problems.append(f"crop_seconds must be > 0 or None (got {self.crop_seconds})")
         if self.precision not in PRECISIONS:
             problems.append(f"precision must be one of {PRECISIONS} (got {self.precision!r})")
         if self.threads is not None and self.threads < 1:
@@ -108,6 +113,8 @@ class TrainConfig:
         skip = {"threads", "device", "compile", "compile_backend", "checkpoint_every", "keep_checkpoints", "log_every"}
         if self.crop_align == 1:  # the default leaves the identity of every earlier run unchanged
             skip.add("crop_align")
+        if self.crop_seconds is None:
+            skip.add("crop_seconds")
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 
@@ -190,6 +197,17 @@ class BatchSampler:
         self._cursors[d] = [epoch + 1, 0] if pos + 1 == n else [epoch, pos + 1]
         return int(item), int(text)
 
+    def _crop_frames(self, ds: FeatureDataset, i: int, frames: int) -> int | None:
+        """Frames a training crop keeps: crop_frames, or for windowed fixed-frame features the whole
+        windows closest to crop_seconds of this clip's audio (its windows are equal: clip seconds / count)."""
+        cfg = self.cfg
+        windows = frames // cfg.crop_align
+        seconds = getattr(ds, "seconds", None)
+        if not cfg.crop_frames or cfg.crop_align == 1 or not cfg.crop_seconds or windows < 2 or seconds is None:
+            return cfg.crop_frames
+        keep = max(1, round(cfg.crop_seconds * windows / seconds(i)))
+        return keep * cfg.crop_align
+
     def _fill(self, k: int) -> list[Batch]:
         cfg = self.cfg
         rng = np.random.default_rng([cfg.seed, 0, k])
@@ -204,9 +222,10 @@ class BatchSampler:
                                 f"[T>0, {self.model.config.encoder_dim}]")
             if not np.isfinite(feats).all():
                 raise DataError(f"task {ds.task}, item {ds.key(i)}: features contain NaN or Inf")
-            if cfg.crop_frames and feats.shape[0] > cfg.crop_frames:
-                start = cfg.crop_align * int(rng.integers(0, (feats.shape[0] - cfg.crop_frames) // cfg.crop_align + 1))
-                feats = feats[start : start + cfg.crop_frames]
+            crop = self._crop_frames(ds, i, feats.shape[0])
+            if crop and feats.shape[0] > crop:
+                start = cfg.crop_align * int(rng.integers(0, (feats.shape[0] - crop) // cfg.crop_align + 1))
+                feats = feats[start : start + crop]
             draw = int(rng.integers(len(ds.prompt))) if isinstance(ds.prompt, tuple) else 0
             prompt = self.model.prompt_ids(choose_prompt(ds.prompt, ds.sample_prompt(i), draw=draw))
             examples.append((torch.from_numpy(feats), prompt, self.model.target_ids(ds.targets(i)[j])))

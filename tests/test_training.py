@@ -110,6 +110,25 @@ class TestSampler:
         want = {tuple(model.prompt_ids(p)) for p in ("Classify the sound.", "What is it?", "Name the sound.", "")}
         assert set(prompts) == want  # both list prompts drawn, the clip's own prompt, and "" without one
 
+    def test_windowed_fixed_frames_crop_whole_windows_closest_to_the_audio_crop(self, decoder_dir):
+        # a fixed-frame encoder gives 4 frames per equal window; the reference crops 30 s of audio
+        class Timed(ArrayDataset):
+            def seconds(self, i):
+                return [30.01, 90.5, 45.0, 20.0][i]
+
+        model = _model(decoder_dir)
+        frames = [8, 16, 8, 4]  # windows: 2 x 15 s, 4 x 22.6 s, 2 x 22.5 s, 1 x 20 s
+        ds = Timed("fixed", "p", [np.full((n, D), i, np.float32) for i, n in enumerate(frames)], [("a",)] * 4)
+        cfg = TrainConfig(batch_size=4, sort_buffer=64, crop_frames=4, crop_align=4, crop_seconds=30.0)
+        kept = {}
+        sampler = BatchSampler(model, [ds], [1], cfg)
+        for b in (next(sampler) for _ in range(16)):
+            for f in b.features:
+                kept.setdefault(int(f[0, 0]), set()).add(f.shape[0])
+        # 30.01 s: both windows (30 s, not 15); 90.5 s: one (22.6 s); 45 s: one (22.5 s); 20 s: its only one
+        assert kept == {0: {8}, 1: {4}, 2: {4}, 3: {4}}
+        assert TrainConfig(crop_seconds=None).identity() == TrainConfig().identity()  # old keys unchanged
+
     def test_an_empty_target_trains_to_stop(self, decoder_dir):
         # an empty label is a sample in XARES-LLM: its target is EOS alone
         model = _model(decoder_dir)

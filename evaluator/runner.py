@@ -50,7 +50,7 @@ from evaluator.submission.probe import ProbeConfig, ProbeReport, run_probe
 
 logger = logging.getLogger(__name__)
 
-RUN_FORMAT = 2  # v2: per-text mixture, per-reference accuracy, ref_index in predictions. Bump when the layout or the meaning of a stage's output changes
+RUN_FORMAT = 2  # bump when the layout or the meaning of a stage's output changes (2: XARES-LLM's sample unit)
 PREDICTIONS_DIR = "predictions"
 DIGEST_CACHE = ".cache/sha256.json"  # under --out: digests of decoder files by (path, size, mtime)
 SPOT_CHECK_MIN_CLIPS = 4  # re-extract at least this many clips, however small the share
@@ -422,19 +422,22 @@ class _Stages:
             return [json.loads(line) for line in path.read_text().splitlines() if line]
         dataset = store.dataset(prompt=task.prompt, task=task.id)
         predictions = generator.get().generate(dataset, progress=self.opts.progress) if len(dataset) else []
-        rows = [{"id": p.key, "prediction": p.text, "references": list(dataset.targets(i)), "status": "ok",
-                 "_prompt": dataset.sample_prompt(i), "_seconds": dataset.seconds(i)}
+        rows = [{"id": p.key, "prediction": p.text, "references": list(dataset.targets(i)), "status": "ok"}
                 for i, p in enumerate(predictions)]
         # clips the encoder failed on stay in the test set, scored as wrong (empty prediction)
         rows += [{"id": f.key, "prediction": "", "references": list(f.targets), "status": "encoder_failed",
-                  "error": f.reason, "_prompt": f.prompt, "_seconds": f.seconds} for f in store.failures.values()]
+                  "error": f.reason} for f in store.failures.values()]
         order = {**{e.key: e.ordinal for e in store.entries.values()},
                  **{f.key: f.ordinal for f in store.failures.values()}}
         rows.sort(key=lambda r: order[r["id"]])
-        samples = [EvalSample(shard=r["id"].rsplit("/", 1)[0], texts=len(r["references"]), seconds=r.pop("_seconds"),
-                              prompt_tokens=len(model.prompt_ids(choose_prompt(task.prompt, r.pop("_prompt"),
-                                                                               draw=prompt_draw(r["id"])))))
-                   for r in rows]
+        # (seconds, own prompt) of every clip: what the reference's order sorts by
+        meta = {**{dataset.key(i): (dataset.seconds(i), dataset.sample_prompt(i)) for i in range(len(dataset))},
+                **{f.key: (f.seconds, f.prompt) for f in store.failures.values()}}
+        samples = []
+        for r in rows:
+            seconds, own = meta[r["id"]]
+            prompt = model.prompt_ids(choose_prompt(task.prompt, own, draw=prompt_draw(r["id"])))
+            samples.append(EvalSample(r["id"].rsplit("/", 1)[0], len(r["references"]), len(prompt), seconds))
         for r, index in zip(rows, reference_eval_order(task, samples, data_home=self.opts.data_home)):
             r["ref_index"] = list(index)
         atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

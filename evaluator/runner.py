@@ -290,7 +290,8 @@ class _Stages:
             report = extract(self.sandbox.get(), clips, store, self.manifest, self.extraction, progress=tick)
         self.skips[f"{task.id}/{split}"] = {"clips": skips.clips, "skipped": skips.skipped,
                                              "reasons": dict(skips.counts)}
-        note = f", {skips.skipped} unreadable samples skipped" if skips.skipped else ""
+        dropped = [f"{n} {reason}" for reason, n in sorted(skips.counts.items()) if n]
+        note = f" (skipped: {', '.join(dropped)})" if dropped else ""
         self.echo(f"  - {task.id}: {report.summary()}{note}")
         for line in skips.lines()[1:]:
             logger.warning("%s/%s: %s", task.id, split, line.strip())

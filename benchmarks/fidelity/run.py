@@ -331,6 +331,14 @@ def ref_env(args, work: Path) -> dict:
     return env
 
 
+def reference_key(cfgs, decoder: Path, steps: int) -> str:
+    """A key of everything that shapes a reference run, so a changed setting never reuses an old one."""
+    weights = decoder / "model.safetensors"
+    key_src = json.dumps([(HERE / "encoders.py").read_text(), cfgs[0].read_text(), cfgs[1].read_text(),
+                          hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else "", steps])
+    return hashlib.sha256(key_src.encode()).hexdigest()[:12]
+
+
 def run_reference(args, work: Path, cls: str, seed: int, cfgs, decoder: Path, steps: int, run_dir: Path) -> dict:
     """One (encoder, seed) of the reference; returns {eval name: {score, n, predictions path}}."""
     result_dir = run_dir / Path(TRAIN_YAML).stem / cls
@@ -610,11 +618,7 @@ def main(argv=None) -> int:
     (work / "ref_launcher.py").write_text(LAUNCHER_SOURCE)
     (work / "ref_wrapper.py").write_text(WRAPPER_SOURCE)
 
-    # a key of everything that shapes a reference run, so a changed setting never reuses an old one
-    key_src = json.dumps([(HERE / "encoders.py").read_text(), cfgs[0].read_text(), cfgs[1].read_text(),
-                          hashlib.sha256((decoder / "model.safetensors").read_bytes()).hexdigest()
-                          if (decoder / "model.safetensors").is_file() else "", steps])
-    ref_key = hashlib.sha256(key_src.encode()).hexdigest()[:12]
+    ref_key = reference_key(cfgs, decoder, steps)
     ref_root = work / "reference" / ref_key
     jobs = [(n, enc_mod.ENCODERS[n].__name__, s) for n in names for s in seeds]
     ref: dict = {}

@@ -230,7 +230,8 @@ def main(argv=None) -> int:
     def one(job):
         point, label, kind, cls, s, c = job
         tag = "crop" if c[0].parent != cfgs[0].parent else "base"
-        run_dir = (tag == "base" and _run_py_dir(work, cls, s, fid)) or root / f"{cls}-{tag}-seed{s}"
+        run_dir = (tag == "base" and _run_py_dir(work, cls, s, fid, cfgs, decoder, steps)) or \
+            root / f"{steps}" / f"{cls}-{tag}-seed{s}"
         try:
             return job, fid.run_reference(ref_args, work, cls, s, c, decoder, steps, run_dir)
         except Exception as e:  # noqa: BLE001 - one failed run is reported, the rest goes on
@@ -268,15 +269,12 @@ def main(argv=None) -> int:
     return 0
 
 
-def _run_py_dir(work: Path, cls: str, seed: int, fid) -> Path | None:
+def _run_py_dir(work: Path, cls: str, seed: int, fid, cfgs, decoder: Path, steps: int) -> Path | None:
     """run.py's finished reference run of this class and seed with the same configs, if there is one."""
-    for score in sorted(work.glob(f"reference/*/*-seed{seed}/{Path(fid.TRAIN_YAML).stem}/{cls}/score_eval_pitch.yaml"),
-                        key=lambda p: p.stat().st_mtime, reverse=True):
-        run_dir = score.parents[2]
-        command = (run_dir / "command.txt").read_text() if (run_dir / "command.txt").is_file() else ""
-        if str(work / "configs" / fid.TRAIN_YAML) in command and all(
-                (score.parent / f"score_eval_{t}.yaml").is_file() for t in fid.TASKS):
-            return run_dir
+    root = work / "reference" / fid.reference_key(cfgs, decoder, steps)
+    for score in root.glob(f"*-seed{seed}/{Path(fid.TRAIN_YAML).stem}/{cls}/score_eval_pitch.yaml"):
+        if all((score.parent / f"score_eval_{t}.yaml").is_file() for t in fid.TASKS):
+            return score.parents[2]
     return None
 
 
@@ -289,8 +287,8 @@ def _seed_spread(work: Path) -> dict:
     per_task: dict[str, list[float]] = {}
     for row in doc.get("rows", []):
         ref = row.get("reference") or {}
-        if "max" in ref and "min" in ref:
-            per_task.setdefault(row["task"], []).append(ref["max"] - ref["min"])
+        if ref.get("range") is not None:
+            per_task.setdefault(row["task"], []).append(ref["range"])
     return {t: statistics.mean(v) for t, v in per_task.items()}
 
 

@@ -491,11 +491,13 @@ class ArrayDataset:
     labels: list[tuple[str, ...]]  # the clip's reference texts
     keys: list[str] | None = None  # sample ids; default "<task>/<index>"
     prompts: list[str | None] | None = None  # per-clip prompts (used when ``prompt`` is "")
+    durations: list[float] | None = None  # clip seconds; default: frames / ``frames_per_second``
+    frames_per_second: float = 50.0
 
     def __post_init__(self):
         if len(self.arrays) != len(self.labels) or any(
-                x is not None and len(x) != len(self.arrays) for x in (self.keys, self.prompts)):
-            raise ValueError("arrays, labels, keys and prompts must have one entry per clip")
+                x is not None and len(x) != len(self.arrays) for x in (self.keys, self.prompts, self.durations)):
+            raise ValueError("arrays, labels, keys, prompts and durations must have one entry per clip")
 
     def __len__(self) -> int:
         return len(self.arrays)
@@ -511,6 +513,9 @@ class ArrayDataset:
 
     def sample_prompt(self, i: int) -> str | None:
         return self.prompts[i] if self.prompts is not None else None
+
+    def seconds(self, i: int) -> float:
+        return self.durations[i] if self.durations is not None else len(self.arrays[i]) / self.frames_per_second
 
 
 class StoredFeatureDataset:

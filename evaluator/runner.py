@@ -50,7 +50,7 @@ from evaluator.submission.probe import ProbeConfig, ProbeReport, run_probe
 
 logger = logging.getLogger(__name__)
 
-RUN_FORMAT = 2  # bump when the layout or the meaning of a stage's output changes (2: XARES-LLM's sample unit)
+RUN_FORMAT = 3  # bump when the layout or the meaning of a stage's output changes (3: XARES-LLM's samples and order)
 PREDICTIONS_DIR = "predictions"
 DIGEST_CACHE = ".cache/sha256.json"  # under --out: digests of decoder files by (path, size, mtime)
 SPOT_CHECK_MIN_CLIPS = 4  # re-extract at least this many clips, however small the share

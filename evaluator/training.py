@@ -50,6 +50,7 @@ class FeatureDataset(Protocol):  # the features stage's interface (docs/architec
     def features(self, i: int) -> np.ndarray: ...
     def targets(self, i: int) -> tuple[str, ...]: ...
     def sample_prompt(self, i: int) -> str | None: ...
+    def seconds(self, i: int) -> float: ...  # the clip's duration (the batch order sorts by it)
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,7 @@ class BatchSampler:
     The unit drawn is XARES-LLM's sample, one (clip, target text) pair: a clip with three captions is
     three samples, so a task's share of the stream is its mixture weight whatever its texts per clip.
     Buffer k draws ``sort_buffer`` samples (dataset by probability, pairs in a per-epoch permutation),
-    sorts them by length, cuts them into batches (an incomplete last batch is dropped, as XARES-LLM does)
+    sorts them by XARES-LLM's length key (text tokens + audio seconds), cuts them into batches (an incomplete last batch is dropped, as XARES-LLM does)
     and shuffles the batch order. Everything random comes from ``seed`` and k, so the state is just
     (k, cursors at the start of buffer k, batches taken).
     """
@@ -202,10 +203,9 @@ class BatchSampler:
         windows closest to crop_seconds of this clip's audio (its windows are equal: clip seconds / count)."""
         cfg = self.cfg
         windows = frames // cfg.crop_align
-        seconds = getattr(ds, "seconds", None)
-        if not cfg.crop_frames or cfg.crop_align == 1 or not cfg.crop_seconds or windows < 2 or seconds is None:
+        if not cfg.crop_frames or cfg.crop_align == 1 or not cfg.crop_seconds or windows < 2:
             return cfg.crop_frames
-        keep = max(1, round(cfg.crop_seconds * windows / seconds(i)))
+        keep = max(1, round(cfg.crop_seconds * windows / ds.seconds(i)))
         return keep * cfg.crop_align
 
     def _fill(self, k: int) -> list[Batch]:
@@ -222,18 +222,24 @@ class BatchSampler:
                                 f"[T>0, {self.model.config.encoder_dim}]")
             if not np.isfinite(feats).all():
                 raise DataError(f"task {ds.task}, item {ds.key(i)}: features contain NaN or Inf")
-            crop = self._crop_frames(ds, i, feats.shape[0])
+            frames = feats.shape[0]
+            crop = self._crop_frames(ds, i, frames)
             if crop and feats.shape[0] > crop:
                 start = cfg.crop_align * int(rng.integers(0, (feats.shape[0] - crop) // cfg.crop_align + 1))
                 feats = feats[start : start + crop]
             draw = int(rng.integers(len(ds.prompt))) if isinstance(ds.prompt, tuple) else 0
             prompt = self.model.prompt_ids(choose_prompt(ds.prompt, ds.sample_prompt(i), draw=draw))
-            examples.append((torch.from_numpy(feats), prompt, self.model.target_ids(ds.targets(i)[j])))
+            target = self.model.target_ids(ds.targets(i)[j])
+            seconds = ds.seconds(i) * feats.shape[0] / frames  # of the audio these frames cover, after a crop
+            examples.append((torch.from_numpy(feats), prompt, target, len(prompt) + len(target) + seconds))
         # longest first, then cut; ties keep draw order so the result is deterministic
-        examples.sort(key=lambda e: -(e[0].shape[0] + len(e[1]) + len(e[2])))
+        # XARES-LLM's order: longest first by text tokens + audio seconds (its sort_by_length key), so a
+        # batch holds texts of about one length; ties keep draw order, so the result is deterministic
+        examples.sort(key=lambda e: -e[3])
         cut = [examples[j : j + cfg.batch_size] for j in range(0, len(examples) - cfg.batch_size + 1, cfg.batch_size)]
         order = rng.permutation(len(cut))
-        return [Batch(*map(list, zip(*cut[j]))) for j in order]
+        return [Batch(features=[e[0] for e in cut[j]], prompt_ids=[e[1] for e in cut[j]],
+                      target_ids=[e[2] for e in cut[j]]) for j in order]
 
 
 def _normalise(probs: Sequence[float], n: int) -> np.ndarray:

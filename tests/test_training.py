@@ -136,12 +136,20 @@ class TestSampler:
         batch = next(BatchSampler(model, [ds], [1], TrainConfig(batch_size=4, sort_buffer=4)))
         assert batch.target_ids == [[model.eos_token_id]] * 4
 
-    def test_batches_are_length_sorted(self, decoder_dir):
+    def test_batches_follow_the_reference_length_key(self, decoder_dir):
+        # XARES-LLM sorts buffers by text tokens + audio seconds (not frames): same texts, so seconds decide
         model = _model(decoder_dir)
-        sampler = BatchSampler(model, [ToyTask(64, 2)], [1], TrainConfig(batch_size=4, sort_buffer=64))
-        spreads = [max(f.shape[0] for f in b.features) - min(f.shape[0] for f in b.features)
-                   for b in (next(sampler) for _ in range(16))]
-        assert np.mean(spreads) <= 2  # unsorted batches of 3..11 frames spread ~5
+        durations = [0.5, 3.0, 1.0, 2.5, 0.2, 2.0, 1.5, 2.8]
+        arrays = [np.full((10 - i, D), i, np.float32) for i in range(8)]  # frame counts run the other way
+        ds = ArrayDataset("t", "p", arrays, [(CLASSES[0],)] * 8, durations=durations)
+        sampler = BatchSampler(model, [ds], [1], TrainConfig(batch_size=4, sort_buffer=8))
+        batches = [sorted(int(f[0, 0]) for f in next(sampler).features) for _ in range(2)]
+        assert sorted(batches) == [[0, 2, 4, 6], [1, 3, 5, 7]]  # the 4 shortest and the 4 longest in seconds
+        # and texts of one length go together when they differ
+        mixed = ToyTask(64, 2)
+        sampler = BatchSampler(model, [mixed], [1], TrainConfig(batch_size=4, sort_buffer=64))
+        keys = [[len(p) + len(t) for p, t in zip(b.prompt_ids, b.target_ids)] for b in (next(sampler) for _ in range(16))]
+        assert np.mean([max(k) - min(k) for k in keys]) <= 1.0
 
     def test_bad_inputs(self, decoder_dir):
         model = _model(decoder_dir)

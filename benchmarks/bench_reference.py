@@ -492,13 +492,18 @@ def fmt(x: float, spec: str = ".3g") -> str:
     return "n/a" if not np.isfinite(x) else format(x, spec)
 
 
+def add_reference_args(parser: argparse.ArgumentParser) -> None:
+    """--reference-python and --reference-src, as every benchmark that runs the reference takes them."""
+    parser.add_argument("--reference-python", default=os.environ.get("XARES_REF_PYTHON"),
+                        help="python of the reference's venv (env XARES_REF_PYTHON), e.g. /tmp/xares-ref-venv/bin/python")
+    parser.add_argument("--reference-src", default=os.environ.get("XARES_REF_SRC"),
+                        help="checkout of xiaomi-research/xares-llm (env XARES_REF_SRC), e.g. /tmp/xares-llm-src")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--reference-python", default=os.environ.get("XARES_REF_PYTHON"),
-                   help="python of the reference's venv (env XARES_REF_PYTHON), e.g. /tmp/xares-ref-venv/bin/python")
-    p.add_argument("--reference-src", default=os.environ.get("XARES_REF_SRC"),
-                   help="checkout of xiaomi-research/xares-llm (env XARES_REF_SRC), e.g. /tmp/xares-llm-src")
+    add_reference_args(p)
     p.add_argument("--decoders", default="tiny,smollm2", help="comma list of: tiny, smollm2")
     p.add_argument("--quick", action="store_true",
                    help="32/128 steps (smollm2/tiny), 64 training and 32 test clips: ~8 minutes on 2 idle cores")

@@ -35,7 +35,7 @@ import soundfile as sf
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_reference import LAUNCHER_SOURCE, portable_decoder  # noqa: E402
+from bench_reference import LAUNCHER_SOURCE, add_reference_args, portable_decoder  # noqa: E402
 
 from evaluator.data import iter_clips, load_xares_yaml, write_shard  # noqa: E402
 from evaluator.data.reference_order import EvalSample, reference_eval_order  # noqa: E402
@@ -101,8 +101,7 @@ def make_shards(folder: Path, shards: int, per_shard: int, seed: int) -> list[Pa
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reference-python", default=os.environ.get("XARES_REF_PYTHON"))
-    ap.add_argument("--reference-src", default=os.environ.get("XARES_REF_SRC"))
+    add_reference_args(ap)
     ap.add_argument("--shards", type=int, default=5)
     ap.add_argument("--per-shard", type=int, default=70)  # 5 x 70 clips x ~2 texts: several 256-sample buffers
     ap.add_argument("--seed", type=int, default=0)

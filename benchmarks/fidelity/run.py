@@ -552,12 +552,11 @@ def versions(args) -> dict:
 
 
 def main(argv=None) -> int:
+    from bench_reference import add_reference_args
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--reference-python", default=os.environ.get("XARES_REF_PYTHON"),
-                   help="python of the reference's venv (env XARES_REF_PYTHON)")
-    p.add_argument("--reference-src", default=os.environ.get("XARES_REF_SRC"),
-                   help="checkout of xiaomi-research/xares-llm (env XARES_REF_SRC)")
+    add_reference_args(p)
     p.add_argument("--out", type=Path, default=Path("fidelity_out"), help="work and output folder (reused)")
     p.add_argument("--only", choices=("both", "ours", "reference"), default="both",
                    help="run one side; the other side's results are read from --out when present")

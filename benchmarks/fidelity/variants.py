@@ -181,10 +181,12 @@ def load_run_module():
 
 
 def main(argv=None) -> int:
+    sys.path.insert(0, str(HERE.parent))  # benchmarks/: bench_reference
+    from bench_reference import add_reference_args
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, required=True, help="run.py's --out folder (data, decoder, configs)")
-    p.add_argument("--reference-python", default=os.environ.get("XARES_REF_PYTHON"))
-    p.add_argument("--reference-src", default=os.environ.get("XARES_REF_SRC"))
+    add_reference_args(p)
     p.add_argument("--seeds", default="42", help="training seeds, comma list")
     p.add_argument("--points", default="9,8,5", help="which points (comma list of 5, 8, 9)")
     p.add_argument("--crop-seconds", type=float, default=1.0, help="point 5: the training crop (clips are 1-2 s)")
@@ -193,7 +195,7 @@ def main(argv=None) -> int:
     if not args.reference_python or not args.reference_src:
         print("variants: give --reference-python and --reference-src (see benchmarks/setup_reference.sh)")
         return 2
-    fid = load_run_module()
+    fid = load_run_module()  # also puts benchmarks/ on sys.path
     work = args.work.resolve()
     cfgs = (work / "configs" / fid.TRAIN_YAML, work / "configs" / fid.EVAL_YAML)
     decoder = work / "decoder"

@@ -562,7 +562,7 @@ def main(argv=None) -> int:
                    help="run one side; the other side's results are read from --out when present")
     p.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="training seeds, comma list")
     p.add_argument("--encoders", default="mel-fine,mel-coarse,raw-proj,noisy-mel", help="comma list (encoders.py)")
-    p.add_argument("--steps", type=int, default=400, help="training steps, both sides")
+    p.add_argument("--steps", type=int, default=1600, help="training steps, both sides (400: both still far from converged)")
     p.add_argument("--warmup", type=int, help="warmup_steps in the train YAML, both sides [default: steps // 10]")
     p.add_argument("--train-clips", type=int, default=160, help="training clips per task")
     p.add_argument("--test-clips", type=int, default=48, help="test clips per task")

@@ -143,9 +143,9 @@ class BatchSampler:
     The unit drawn is XARES-LLM's sample, one (clip, target text) pair: a clip with three captions is
     three samples, so a task's share of the stream is its mixture weight whatever its texts per clip.
     Buffer k draws ``sort_buffer`` samples (dataset by probability, pairs in a per-epoch permutation),
-    sorts them by XARES-LLM's length key (text tokens + audio seconds), cuts them into batches (an incomplete last batch is dropped, as XARES-LLM does)
-    and shuffles the batch order. Everything random comes from ``seed`` and k, so the state is just
-    (k, cursors at the start of buffer k, batches taken).
+    sorts them by XARES-LLM's length key (text tokens + audio seconds), cuts them into batches (an
+    incomplete last batch is dropped, as XARES-LLM does) and shuffles the batch order. Everything random
+    comes from ``seed`` and k, so the state is just (k, cursors at the start of buffer k, batches taken).
     """
 
     def __init__(self, model: AudioLLM, datasets: Sequence[FeatureDataset], probs: Sequence[float], cfg: TrainConfig):

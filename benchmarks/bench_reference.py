@@ -500,6 +500,16 @@ def add_reference_args(parser: argparse.ArgumentParser) -> None:
                         help="checkout of xiaomi-research/xares-llm (env XARES_REF_SRC), e.g. /tmp/xares-llm-src")
 
 
+def reference_found(args: argparse.Namespace, tool: str) -> bool:
+    """Whether --reference-python/--reference-src name a usable reference; says why on one line if not."""
+    py, src = args.reference_python, args.reference_src
+    if py and Path(py).is_file() and src and (Path(src) / "src/xares_llm/run.py").is_file():
+        return True
+    print(f"{tool}: reference not found (--reference-python {py!r}, --reference-src {src!r}); "
+          "build it with benchmarks/setup_reference.sh", file=sys.stderr)
+    return False
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -528,10 +538,7 @@ def main(argv=None) -> int:
     if p.parse_known_args(argv)[0].quick:  # --quick sizes; options given explicitly still win
         p.set_defaults(train_steps=32, tiny_train_steps=128, train_clips=64, test_clips=32, tiny_test_clips=32)
     args = p.parse_args(argv)
-    py, src = args.reference_python, args.reference_src
-    if not py or not Path(py).is_file() or not src or not (Path(src) / "src/xares_llm/run.py").is_file():
-        print(f"bench_reference: reference not found (--reference-python {py!r}, --reference-src {src!r}); "
-              "build it with benchmarks/setup_reference.sh", file=sys.stderr)
+    if not reference_found(args, "bench_reference"):
         return 2
     logging.basicConfig(level=logging.WARNING)
     load = ForeignLoad()
@@ -584,7 +591,7 @@ def main(argv=None) -> int:
         load.stop()
 
     print(f"\nCPU: {os.cpu_count()} cores, torch {torch.__version__}; busy: {args.busy} spinning processes; "
-          f"reference: xares-llm {reference_commit(Path(src))} through its CLI (1 torch thread by its default); "
+          f"reference: xares-llm {reference_commit(Path(args.reference_src))} through its CLI (1 torch thread by its default); "
           f"ours: defaults (fp32, {args.ours_threads or 'all'} cores); {time.perf_counter() - t_start:.0f} s in all\n")
     print("| decoder | measure | reference | ours | ratio | new tokens/sample ref / ours | other load (cores) ref / ours |")
     print("|---|---|---|---|---|---|---|")

@@ -35,7 +35,7 @@ import soundfile as sf
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_reference import LAUNCHER_SOURCE, add_reference_args, portable_decoder  # noqa: E402
+from bench_reference import LAUNCHER_SOURCE, add_reference_args, portable_decoder, reference_found  # noqa: E402
 
 from evaluator.data import iter_clips, load_xares_yaml, write_shard  # noqa: E402
 from evaluator.data.reference_order import EvalSample, reference_eval_order  # noqa: E402
@@ -106,8 +106,7 @@ def main(argv=None) -> int:
     ap.add_argument("--per-shard", type=int, default=70)  # 5 x 70 clips x ~2 texts: several 256-sample buffers
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    if not args.reference_python or not args.reference_src:
-        print("check_alignment: give --reference-python and --reference-src (see benchmarks/setup_reference.sh)")
+    if not reference_found(args, "check_alignment"):
         return 2
     with tempfile.TemporaryDirectory(prefix="xares-order-") as tmp:
         work = Path(tmp)

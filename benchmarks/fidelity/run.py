@@ -552,7 +552,7 @@ def versions(args) -> dict:
 
 
 def main(argv=None) -> int:
-    from bench_reference import add_reference_args
+    from bench_reference import add_reference_args, reference_found
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -579,10 +579,7 @@ def main(argv=None) -> int:
     if p.parse_known_args(argv)[0].quick:
         p.set_defaults(steps=64, train_clips=48, test_clips=16, seeds="42,43", out=Path("fidelity_out_quick"))
     args = p.parse_args(argv)
-    py, src = args.reference_python, args.reference_src
-    if not py or not Path(py).is_file() or not src or not (Path(src) / "src/xares_llm/run.py").is_file():
-        print(f"fidelity: reference not found (--reference-python {py!r}, --reference-src {src!r}); "
-              "build it with benchmarks/setup_reference.sh", file=sys.stderr)
+    if not reference_found(args, "fidelity"):
         return 2
     from bench_reference import LAUNCHER_SOURCE, portable_decoder
 

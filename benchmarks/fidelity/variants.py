@@ -182,7 +182,7 @@ def load_run_module():
 
 def main(argv=None) -> int:
     sys.path.insert(0, str(HERE.parent))  # benchmarks/: bench_reference
-    from bench_reference import add_reference_args
+    from bench_reference import add_reference_args, reference_found
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, required=True, help="run.py's --out folder (data, decoder, configs)")
@@ -192,8 +192,7 @@ def main(argv=None) -> int:
     p.add_argument("--crop-seconds", type=float, default=1.0, help="point 5: the training crop (clips are 1-2 s)")
     p.add_argument("--jobs", type=int, default=2, help="reference runs in parallel")
     args = p.parse_args(argv)
-    if not args.reference_python or not args.reference_src:
-        print("variants: give --reference-python and --reference-src (see benchmarks/setup_reference.sh)")
+    if not reference_found(args, "variants"):
         return 2
     fid = load_run_module()  # also puts benchmarks/ on sys.path
     work = args.work.resolve()

@@ -112,6 +112,49 @@ def test_a_task_with_missing_data_fails_alone(world, tmp_path):
     assert failed["score"] == 0 and "missing" in failed["error"]
 
 
+def test_the_sample_list_follows_the_reference_end_to_end(world, tmp_path):
+    """Corrupt texts leave the test set (a clip whose only text is corrupt goes), the reasons are named."""
+    import io
+
+    import numpy as np
+    import soundfile as sf
+
+    from evaluator.data import load_xares_yaml, write_shard
+
+    root, _, _ = world
+
+    def wav(freq):
+        buf = io.BytesIO()
+        sf.write(buf, (0.3 * np.sin(2 * np.pi * freq * np.arange(8000) / 16000)).astype(np.float32), 16000,
+                 format="WAV")
+        return buf.getvalue()
+
+    def shard(path, docs):
+        members = []
+        for i, doc in enumerate(docs):
+            members += [(f"c{i}.wav", wav(300 + 50 * i)), (f"c{i}.json", json.dumps(doc).encode())]
+        return str(write_shard(path, members))
+
+    train = shard(tmp_path / "train.tar", [{"label": "high" if i % 2 else "low"} for i in range(8)])
+    test = shard(tmp_path / "test.tar", [{"label": "low"}, {"label": "!!!???"}, {"other": "x"},
+                                         {"label": ["high", "[__] [__]"]}, {"label": "high"}, {"label": ""}])
+    (tmp_path / "train.yaml").write_text(json.dumps({"max_steps": 2, "train_data": {
+        "Tones": {"prompt": "Which tone?", "data": [train], "key": "label"}}}))
+    (tmp_path / "eval.yaml").write_text(json.dumps({"eval_tones": {
+        "data": {"data": [test], "key": "label", "prompt": "Which tone?"}, "metric": "Accuracy"}}))
+    track = load_xares_yaml(tmp_path / "train.yaml", tmp_path / "eval.yaml")
+    lines: list[str] = []
+    outcome = run_submission(root / "submission.tar", track, _opts(root, tmp_path, out=tmp_path / "out", limit_clips=None),
+                             echo=lines.append)
+    assert any("tones: " in ln and "(skipped: 2 corrupt text, 1 missing label)" in ln for ln in lines), lines
+    [task] = outcome.document["tasks"]
+    assert task["status"] == "ok" and task["n_samples"] == 4  # c1 (only a corrupt text) and c2 (no label) are gone
+    rows = [json.loads(x) for x in (outcome.run_dir / "predictions" / "tones.jsonl").read_text().splitlines()]
+    assert [(r["id"].split("/")[-1], r["references"]) for r in rows] == [
+        ("c0", ["low"]), ("c3", ["high"]), ("c4", ["high"]), ("c5", [""])]
+    assert sorted(i for r in rows for i in r["ref_index"]) == [0, 1, 2, 3]
+
+
 def _onnx_submission(folder: Path, out: Path, **model) -> Path:
     """A submission.tar of a tiny onnx.helper encoder (tests/resources), built with the real build."""
     from resources.encoders.onnx_models import make_onnx

@@ -56,7 +56,7 @@ class ClipLike(Protocol):
     key: str
     audio: np.ndarray  # float32 [S] at 16 kHz, mono
     targets: tuple[str, ...]
-    # optional: ``prompt`` (str | None), the clip's own prompt, stored with its features
+    prompt: str | None  # the clip's own prompt, stored with its features
 
 
 @dataclass(frozen=True)
@@ -399,8 +399,7 @@ class _Run:
         self.seconds += seconds
         if isinstance(res, str):
             self.streak += 1
-            self.pending_failures.append(Failure(clip.key, ordinal, seconds, res, tuple(clip.targets),
-                                                          getattr(clip, "prompt", None)))
+            self.pending_failures.append(Failure(clip.key, ordinal, seconds, res, tuple(clip.targets), clip.prompt))
             if self.streak >= self.config.max_consecutive_failures:
                 raise SandboxError(
                     f"the encoder failed on {self.streak} clips in a row; giving up",
@@ -412,8 +411,7 @@ class _Run:
         if len(window_bounds(len(wave), self.store.key.window_seconds)) > 1:
             self.windowed += 1
         feats = self.store.cast(clip.key, res)
-        self.pending.append(PendingClip(clip.key, ordinal, feats, seconds, tuple(clip.targets),
-                                        getattr(clip, "prompt", None)))
+        self.pending.append(PendingClip(clip.key, ordinal, feats, seconds, tuple(clip.targets), clip.prompt))
         self.pending_bytes += feats.nbytes
         if self.pending_bytes >= self.config.shard_bytes:
             self.flush()

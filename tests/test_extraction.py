@@ -132,6 +132,7 @@ class Clip:
     key: str
     audio: np.ndarray
     targets: tuple[str, ...]
+    prompt: str | None = None
 
 
 def make_clips(n: int, *, seed: int = 1, frame_aligned: bool = False, seconds=(0.3, 2.5)) -> list[Clip]:

@@ -25,6 +25,7 @@ class Clip:
     key: str
     audio: np.ndarray
     targets: tuple[str, ...] = ("x",)
+    prompt: str | None = None
 
 
 class CountingRuntime:

@@ -26,7 +26,6 @@ from evaluator.data.specs import TaskSpec
 
 SHARD_SEED = 42  # SimpleShardList(urls, seed=42) in the reference's evaluation pipeline
 SORT_BUFFER = 256  # sort_by_length=256 in the reference's evaluate_mlp
-SAMPLE_RATE = 16_000  # the reference's length key counts seconds at 16 kHz
 URL_SUFFIX = "?download=true"  # the reference sorts repo shards as download URLs that end with this
 
 

@@ -21,6 +21,24 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: the test machine is shared
 
 
+def demo_a_world(root: Path, *, decoder_steps: int):
+    """demo-a shards under ``root/data`` and a smoke decoder at ``root/decoder`` trained on their texts.
+
+    Returns:
+        (data_home, track) of demo-a.
+    """
+    from evaluator.data import generate_demo, get_track, iter_clips
+    from evaluator.smoke_decoder import build_smoke_decoder
+
+    data_home = root / "data"
+    generate_demo("demo-a", data_home / "demo-a")
+    track = get_track("demo-a", data_home=data_home)
+    texts = [t for task in track.train_tasks
+             for c in iter_clips(task, "train", data_home=data_home, limit=16) for t in c.targets]
+    build_smoke_decoder(texts, root / "decoder", steps=decoder_steps)
+    return data_home, track
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 

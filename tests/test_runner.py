@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import demo_a_world
 
 from evaluator.cli import eval_cli
-from evaluator.data import generate_demo, get_track, iter_clips
+from evaluator.data import get_track, iter_clips
 from evaluator.errors import SubmissionError
 from evaluator.resources import schema_errors, template_dir
 from evaluator.runner import RunOptions, run_submission
@@ -21,18 +22,12 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from evaluator.smoke_decoder import build_smoke_decoder
     from evaluator.submission.build import build
 
     root = tmp_path_factory.mktemp("run")
     shutil.copytree(template_dir() / "onnx", root / "encoder")
     build(root / "encoder", root / "submission.tar")
-    data_home = root / "data"
-    generate_demo("demo-a", data_home / "demo-a")
-    track = get_track("demo-a", data_home=data_home)
-    texts = [t for task in track.train_tasks
-             for c in iter_clips(task, "train", data_home=data_home, limit=16) for t in c.targets]
-    build_smoke_decoder(texts, root / "decoder", steps=60)
+    data_home, track = demo_a_world(root, decoder_steps=60)
     return root, data_home, track
 
 

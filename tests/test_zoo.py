@@ -37,8 +37,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import demo_a_world
 
-from evaluator.data import generate_demo, get_track, iter_clips
+from evaluator.data import iter_clips
 from evaluator.features import FeatureStore
 from evaluator.runner import RunOptions, run_submission
 
@@ -74,15 +75,8 @@ REFUSED = ("silero_jit",)
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """demo-a shards and a smoke decoder, made once for the whole zoo."""
-    from evaluator.smoke_decoder import build_smoke_decoder
-
     root = tmp_path_factory.mktemp("zoo")
-    data_home = root / "data"
-    generate_demo("demo-a", data_home / "demo-a")
-    track = get_track("demo-a", data_home=data_home)
-    texts = [t for task in track.train_tasks
-             for c in iter_clips(task, "train", data_home=data_home, limit=16) for t in c.targets]
-    build_smoke_decoder(texts, root / "decoder", steps=40)
+    data_home, track = demo_a_world(root, decoder_steps=40)
     return root, data_home, track
 
 

@@ -45,6 +45,15 @@ def _mel_filters(n_fft: int, n_mels: int) -> torch.Tensor:
     return fb.float()
 
 
+def _batch(audio: torch.Tensor, audio_attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, S] audio and its sample mask (all ones when none is given)."""
+    if audio.ndim == 1:
+        audio = audio[None]
+    if audio_attention_mask is None:
+        audio_attention_mask = torch.ones_like(audio, dtype=torch.long)
+    return audio, audio_attention_mask
+
+
 def _frame_mask(audio_attention_mask: torch.Tensor, hop: int, frames: int) -> torch.Tensor:
     lengths = audio_attention_mask.sum(-1)
     n = torch.div(lengths + hop - 1, hop, rounding_mode="floor")  # ceil(samples / hop)
@@ -69,10 +78,7 @@ class _LogMel(torch.nn.Module):
         return (torch.log(power @ self.fbank + 1e-6) + self.scale) / self.scale  # roughly zero-centred
 
     def forward(self, audio: torch.Tensor, audio_attention_mask: torch.Tensor | None = None):
-        if audio.ndim == 1:
-            audio = audio[None]
-        if audio_attention_mask is None:
-            audio_attention_mask = torch.ones_like(audio, dtype=torch.long)
+        audio, audio_attention_mask = _batch(audio, audio_attention_mask)
         audio = audio * audio_attention_mask.to(audio.dtype)
         feats = self.logmel(audio)
         return feats, _frame_mask(audio_attention_mask, self.hop, feats.shape[1])
@@ -105,10 +111,7 @@ class NoisyMelEncoder(_LogMel):
         self.register_buffer("noise", 4.0 * torch.randn(NOISE_SECONDS * SAMPLE_RATE, generator=g))
 
     def forward(self, audio: torch.Tensor, audio_attention_mask: torch.Tensor | None = None):
-        if audio.ndim == 1:
-            audio = audio[None]
-        if audio_attention_mask is None:
-            audio_attention_mask = torch.ones_like(audio, dtype=torch.long)
+        audio, audio_attention_mask = _batch(audio, audio_attention_mask)
         keep = audio_attention_mask.to(audio.dtype)
         noisy = (audio + self.noise[: audio.shape[1]][None, :]) * keep
         feats = self.logmel(noisy)
@@ -126,10 +129,7 @@ class RawProjEncoder(torch.nn.Module):
         self.register_buffer("weight", weight)
 
     def forward(self, audio: torch.Tensor, audio_attention_mask: torch.Tensor | None = None):
-        if audio.ndim == 1:
-            audio = audio[None]
-        if audio_attention_mask is None:
-            audio_attention_mask = torch.ones_like(audio, dtype=torch.long)
+        audio, audio_attention_mask = _batch(audio, audio_attention_mask)
         audio = audio * audio_attention_mask.to(audio.dtype)
         audio = torch.nn.functional.pad(audio, (0, self.hop - 1))  # the last partial frame exists
         feats = torch.nn.functional.conv1d(audio[:, None, :], self.weight, stride=self.hop).transpose(1, 2)

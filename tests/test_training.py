@@ -57,7 +57,8 @@ class TestSchedule:
                 cfg.seed, cfg.precision) == (1e-4, 200, 0.01, 1.0, 4, 42, "fp32")
 
     @pytest.mark.parametrize("bad", [dict(max_steps=0), dict(precision="fp16"), dict(batch_size=8, sort_buffer=4),
-                                     dict(threads=0), dict(crop_frames=0), dict(learning_rate=-1.0)])
+                                     dict(threads=0), dict(crop_frames=0), dict(learning_rate=-1.0),
+                                     dict(crop_seconds=0.0)])
     def test_rejects_bad_config(self, bad):
         with pytest.raises(ConfigError):
             TrainConfig(**bad)
@@ -152,6 +153,8 @@ class TestSampler:
         assert np.mean([max(k) - min(k) for k in keys]) <= 1.0
 
     def test_bad_inputs(self, decoder_dir):
+        with pytest.raises(ValueError, match="one entry per clip"):
+            ArrayDataset("t", "p", [np.ones((2, D), np.float32)], [("a",)], durations=[1.0, 2.0])
         model = _model(decoder_dir)
         with pytest.raises(ConfigError):
             BatchSampler(model, [ToyTask(4, 0)], [0], TrainConfig())

@@ -23,17 +23,19 @@ Hugging Face ``generate``. This module keeps those settings and makes them cheap
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 
 from evaluator import compute
 from evaluator.compute import COMPILE_MODES
 from evaluator.data.specs import choose_prompt, prompt_draw
 from evaluator.errors import ConfigError, DataError
-from evaluator.model import AudioLLM, Batch
+from evaluator.model import AudioLLM, Batch, pack_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -218,6 +220,98 @@ class Generator:
         return self._steps[batch]
 
 
+class PackedGenerator(Generator):
+    """Decodes for several jobs of a pack at once: rows of different jobs share a batch and the frozen
+    decoder, each row through its own job's projector and (unmerged) LoRA weights.
+
+    Greedy answers are those of each job's solo `Generator` up to float rounding: the solo run folds
+    LoRA into the weights, a pack adds it beside them, so a near-tie can go the other way::
+
+        with PackedGenerator(pack, [job_a, job_b], DecodingOptions()) as gen:
+            preds_a, preds_b = gen.generate_many([test_a, test_b])
+    """
+
+    def __init__(self, pack, jobs, options: DecodingOptions = DecodingOptions()):
+        if options.engine == "hf" or not options.merge_lora:
+            raise ConfigError("a pack decodes with its own engines (kv, static), LoRA beside the weights")
+        # graphs are not captured over the per-row LoRA routing: each step runs eagerly
+        super().__init__(jobs[0], dataclasses.replace(options, compile="off"))
+        self.pack, self.jobs = pack, list(jobs)
+
+    def __enter__(self) -> PackedGenerator:
+        self._stack.enter_context(compute.execution(self.device, deterministic=False, threads=self.options.threads,
+                                                    tf32=self.options.precision == "bf16"))
+        self._stack.enter_context(_eval_mode(self.pack.decoder))
+        if self.options.precision == "bf16":
+            self._stack.enter_context(_cast(self.pack.decoder, torch.bfloat16))
+        self.decoder = self.pack.decoder
+        self.route = self.pack.eval_route(self.jobs)
+        self._stack.callback(self.pack.use, None)
+        self.pack.use(self.route)
+        self._stack.enter_context(torch.inference_mode())
+        return self
+
+    def generate_many(self, datasets, progress: bool = True) -> list[list[Prediction] | None]:
+        """One answer per item of each job's dataset (None: nothing to decode for that job).
+
+        Raises:
+            DataError: an item's features have the wrong shape or non-finite values.
+        """
+        if self.decoder is None:
+            raise RuntimeError("PackedGenerator.generate_many outside its `with` block")
+        items = [(k, i) for k, ds in enumerate(datasets) if ds is not None for i in range(len(ds))]
+        prompts = {(k, i): self.jobs[k].prompt_ids(choose_prompt(datasets[k].prompt, datasets[k].sample_prompt(i),
+                                                                 draw=prompt_draw(datasets[k].key(i))))
+                   for k, i in items}
+        texts: dict[tuple[int, int], str] = {}
+        buffer = self.batch_size * self.options.sort_batches
+        label = next(ds.task for ds in datasets if ds is not None) if items else ""
+        with _progress_bar(progress, len(items), label) as tick:
+            for start in range(0, len(items), buffer):
+                chunk = items[start : start + buffer]
+                feats = {(k, i): _features(self.jobs[k], datasets[k], i) for k, i in chunk}
+                chunk.sort(key=lambda ki: -feats[ki].shape[0])
+                for b in range(0, len(chunk), self.batch_size):
+                    rows = chunk[b : b + self.batch_size]
+                    for ki, ids in zip(rows, self._decode_rows(rows, feats, prompts)):
+                        texts[ki] = self.jobs[ki[0]].decode(ids)
+                    tick(len(rows))
+        return [None if ds is None else [Prediction(key=ds.key(i), text=texts[k, i]) for i in range(len(ds))]
+                for k, ds in enumerate(datasets)]
+
+    def _decode_rows(self, rows, feats, prompts) -> list[list[int]]:
+        """Decode rows (job, item) of any jobs: each job's rows collated and embedded its own way, then
+        left-padded to one length; the route maps each row to its job's LoRA."""
+        static = self.engine == "static"
+        real = len(rows)
+        if static:  # fixed shapes: fill up with copies of the first row, answers dropped
+            rows = list(rows) + [rows[0]] * (self.batch_size - real)
+        order = sorted(range(len(rows)), key=lambda r: rows[r][0])  # rows grouped by job
+        parts, row_job = [], []
+        for k in sorted({rows[r][0] for r in order}):
+            mine = [rows[r] for r in order if rows[r][0] == k]
+            batch = Batch(features=[feats[ki] for ki in mine], prompt_ids=[prompts[ki] for ki in mine])
+            job = self.jobs[k]
+            parts.append(pack_inputs(job.projector, self.decoder.get_input_embeddings(),
+                                     job.collate(batch, "left", bucket=static)))
+            row_job += [k] * len(mine)
+        length = max(x.inputs_embeds.shape[1] for x in parts)
+        embeds = torch.cat([nn.functional.pad(x.inputs_embeds, (0, 0, length - x.inputs_embeds.shape[1], 0))
+                            for x in parts])
+        mask = torch.cat([nn.functional.pad(x.attention_mask, (length - x.attention_mask.shape[1], 0)) for x in parts])
+        positions = torch.cat([nn.functional.pad(x.position_ids, (length - x.position_ids.shape[1], 0)) for x in parts])
+        embeds = embeds.to(self.decoder.get_input_embeddings().weight.dtype)
+        self.route.row_job = torch.tensor(row_job, dtype=torch.long, device=self.device)
+        eos = self.jobs[0].eos_token_id
+        if static:
+            cache, total, step = self._static_step(self.batch_size, length + self.options.max_new_tokens)
+            ids = _decode_static(self.decoder, cache, total, step, embeds, mask, positions, self.options, eos)
+        else:
+            ids = _decode_kv(self.decoder, embeds, mask, positions, self.options, eos, on_select=self.route.select)
+        by_row = dict(zip(order, ids))
+        return [by_row[r] for r in range(real)]
+
+
 def generate(model: AudioLLM, dataset, options: DecodingOptions = DecodingOptions(), progress: bool = True) -> list[Prediction]:
     """Decode one answer per item of ``dataset`` (a one-dataset `Generator`).
 
@@ -288,12 +382,29 @@ def _prepared_decoder(model: AudioLLM, options: DecodingOptions):
                 p.copy_(backup[name])
 
 
+@contextlib.contextmanager
+def _cast(decoder, dtype: torch.dtype):
+    """The decoder's weights in ``dtype`` for a while, the very same bits put back afterwards."""
+    tensors = dict(decoder.named_parameters()) | dict(decoder.named_buffers())
+    with torch.no_grad():
+        backup = {name: t.detach().to("cpu", copy=True) for name, t in tensors.items()}
+        decoder.to(dtype)
+    try:
+        yield decoder
+    finally:
+        with torch.no_grad():
+            for name, t in (dict(decoder.named_parameters()) | dict(decoder.named_buffers())).items():
+                t.data = backup[name].to(t.device)
+
+
 def _until_eos(ids: list[int], eos: int) -> list[int]:
     return ids[: ids.index(eos)] if eos in ids else ids
 
 
-def _decode_kv(decoder, embeds, mask, positions, options: DecodingOptions, eos: int) -> list[list[int]]:
-    """Greedy/sampled decoding over a KV cache; finished rows leave the cache at once."""
+def _decode_kv(decoder, embeds, mask, positions, options: DecodingOptions, eos: int,
+               on_select=None) -> list[list[int]]:
+    """Greedy/sampled decoding over a KV cache; finished rows leave the cache at once (``on_select(keep)``
+    hears which rows stay, for a pack's row-to-job map)."""
     from transformers import DynamicCache
 
     n, device = embeds.shape[0], embeds.device
@@ -325,6 +436,8 @@ def _decode_kv(decoder, embeds, mask, positions, options: DecodingOptions, eos: 
         if finished.any():  # drop finished rows from every tensor and the cache
             keep = (~finished).nonzero().squeeze(1)
             cache.batch_select_indices(keep)
+            if on_select is not None:
+                on_select(keep)
             alive, token, mask = alive[keep], token[keep], mask[keep]
             generated, next_pos = generated[keep], next_pos[keep]
         generated = torch.cat([generated, token[:, None]], dim=1)

@@ -137,17 +137,11 @@ class Collated:
         return self._map(lambda t: t.to(device, non_blocking=True))
 
 
-class AudioLLM(nn.Module):
-    """Projector + LoRA decoder. Build it with `build_model` or `load_model`."""
+class TextCodec:
+    """Tokenizing and batch layout, shared by `AudioLLM` and the jobs of a pack (`evaluator.pack`).
 
-    def __init__(self, config: ModelConfig, decoder: nn.Module, tokenizer):
-        super().__init__()
-        self.config = config
-        self.decoder = decoder  # peft PeftModelForCausalLM
-        self.tokenizer = tokenizer
-        hidden = decoder.get_input_embeddings().embedding_dim
-        self.projector = nn.Linear(config.encoder_dim, hidden)  # fp32 even when the decoder is bf16
-        self._prompt_cache: dict[str, list[int]] = {}
+    Needs ``self.tokenizer`` and ``self._prompt_cache`` (a dict).
+    """
 
     # --- text ----------------------------------------------------------------------------------
     @property
@@ -177,10 +171,6 @@ class AudioLLM(nn.Module):
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True).strip()
-
-    # --- tensors -------------------------------------------------------------------------------
-    def trainable_names(self) -> list[str]:
-        return [n for n, p in self.named_parameters() if p.requires_grad]
 
     def collate(self, batch: Batch, padding_side: str = "right", *, bucket: bool = False) -> Collated:
         """Lay a batch out on the host: padded arrays plus the index maps that pack each row on the device.
@@ -233,19 +223,26 @@ class AudioLLM(nn.Module):
                         labels=labels if batch.target_ids is not None else None,
                         target_pos=target_pos, target_ids=target_ids)
 
+
+class AudioLLM(TextCodec, nn.Module):
+    """Projector + LoRA decoder. Build it with `build_model` or `load_model`."""
+
+    def __init__(self, config: ModelConfig, decoder: nn.Module, tokenizer):
+        super().__init__()
+        self.config = config
+        self.decoder = decoder  # peft PeftModelForCausalLM
+        self.tokenizer = tokenizer
+        hidden = decoder.get_input_embeddings().embedding_dim
+        self.projector = nn.Linear(config.encoder_dim, hidden)  # fp32 even when the decoder is bf16
+        self._prompt_cache: dict[str, list[int]] = {}
+
+    # --- tensors -------------------------------------------------------------------------------
+    def trainable_names(self) -> list[str]:
+        return [n for n, p in self.named_parameters() if p.requires_grad]
+
     def inputs(self, c: Collated) -> Inputs:
         """Project the audio, embed the text and pack both as ``c`` says, on the model's device."""
-        device = self.projector.weight.device
-        c = c.to(device)
-        audio = self.projector(c.features)  # [B, Tf, H]
-        text = self.decoder.get_input_embeddings()(c.text_ids)  # [B, Lt, H]
-        audio = audio.to(text.dtype)
-        n, _, hidden = text.shape
-        both = torch.cat([audio, text, text.new_zeros(n, 1, hidden)], dim=1)  # [B, Tf + Lt + 1, H]
-        # index_select, not gather: its backward (index_add) is deterministic on CUDA in any dimension
-        embeds = both.flatten(0, 1).index_select(0, c.source.flatten()).view(n, -1, hidden)  # [B, L, H]
-        return Inputs(inputs_embeds=embeds, attention_mask=c.attention_mask, position_ids=c.position_ids,
-                      labels=c.labels)
+        return pack_inputs(self.projector, self.decoder.get_input_embeddings(), c)
 
     def embed(self, batch: Batch, padding_side: str = "right") -> Inputs:
         """Project audio, embed text, pack each row and pad the batch on ``padding_side``."""
@@ -281,11 +278,7 @@ class AudioLLM(nn.Module):
 
     def save_trainable(self, path: Path) -> None:
         """Write projector + LoRA weights and the model config to one safetensors file (atomically)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        meta = {"format": CHECKPOINT_FORMAT, "model_config": json.dumps(self.config.to_dict(), sort_keys=True)}
-        save_file(self.trainable_state(), str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        write_trainable(path, self.config, self.trainable_state())
 
     def load_trainable(self, path: Path) -> None:
         """Load projector + LoRA weights written by `save_trainable` into this model.
@@ -293,21 +286,52 @@ class AudioLLM(nn.Module):
         Raises:
             ModelError: unreadable file, another model config, or a different set of tensors.
         """
-        config, tensors = read_trainable(path)
-        mine = dataclasses.replace(self.config, dtype="float32")
-        if dataclasses.replace(config, dtype="float32") != mine:
-            raise ModelError(f"checkpoint {path} was made for {config}, this model is {self.config}")
         params = dict(self.named_parameters())
-        expected = set(self.trainable_names())
-        if set(tensors) != expected:
-            missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-            raise ModelError(f"checkpoint {path} does not match the model: missing {missing[:3]}, extra {extra[:3]}")
-        with torch.no_grad():
-            for name, value in tensors.items():
-                if params[name].shape != value.shape:
-                    raise ModelError(f"checkpoint {path}: {name} has shape {tuple(value.shape)}, "
-                                     f"model expects {tuple(params[name].shape)}")
-                params[name].copy_(value)
+        copy_trainable(path, self.config, {n: params[n] for n in self.trainable_names()})
+
+
+def pack_inputs(projector: nn.Module, embed_tokens: nn.Module, c: Collated) -> Inputs:
+    """Project the audio, embed the text and pack both as ``c`` says (one job's rows, in a pack too)."""
+    device = projector.weight.device
+    c = c.to(device)
+    audio = projector(c.features)  # [B, Tf, H]
+    text = embed_tokens(c.text_ids)  # [B, Lt, H]
+    audio = audio.to(text.dtype)
+    n, _, hidden = text.shape
+    both = torch.cat([audio, text, text.new_zeros(n, 1, hidden)], dim=1)  # [B, Tf + Lt + 1, H]
+    # index_select, not gather: its backward (index_add) is deterministic on CUDA in any dimension
+    embeds = both.flatten(0, 1).index_select(0, c.source.flatten()).view(n, -1, hidden)  # [B, L, H]
+    return Inputs(inputs_embeds=embeds, attention_mask=c.attention_mask, position_ids=c.position_ids,
+                  labels=c.labels)
+
+
+def write_trainable(path: Path, config: ModelConfig, tensors: dict[str, torch.Tensor]) -> None:
+    """Write trainable tensors (projector + LoRA, by their solo model's names) and the config, atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    meta = {"format": CHECKPOINT_FORMAT, "model_config": json.dumps(config.to_dict(), sort_keys=True)}
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def copy_trainable(path: Path, config: ModelConfig, params: dict[str, torch.Tensor]) -> None:
+    """Copy a `write_trainable` file into ``params`` (name -> parameter), checking config, names and shapes.
+
+    Raises:
+        ModelError: unreadable file, another model config, or a different set of tensors.
+    """
+    saved, tensors = read_trainable(path)
+    if dataclasses.replace(saved, dtype="float32") != dataclasses.replace(config, dtype="float32"):
+        raise ModelError(f"checkpoint {path} was made for {saved}, this model is {config}")
+    if set(tensors) != set(params):
+        missing, extra = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+        raise ModelError(f"checkpoint {path} does not match the model: missing {missing[:3]}, extra {extra[:3]}")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            if params[name].shape != value.shape:
+                raise ModelError(f"checkpoint {path}: {name} has shape {tuple(value.shape)}, "
+                                 f"model expects {tuple(params[name].shape)}")
+            params[name].copy_(value)
 
 
 def read_trainable(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
@@ -351,6 +375,13 @@ def load_decoder(name_or_path: str, dtype: str = "float32"):
     return decoder, tokenizer
 
 
+def lora_config(config: ModelConfig) -> LoraConfig:
+    return LoraConfig(
+        task_type=TaskType.CAUSAL_LM, inference_mode=False, r=config.lora_r, lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout, target_modules=config.lora_target, bias=config.lora_bias,
+    )
+
+
 def build_model(config: ModelConfig, *, seed: int = 42) -> AudioLLM:
     """Load the decoder once, wrap it with LoRA, add the projector; only projector + LoRA train.
 
@@ -362,13 +393,9 @@ def build_model(config: ModelConfig, *, seed: int = 42) -> AudioLLM:
         ModelError: the decoder cannot be loaded.
     """
     decoder, tokenizer = load_decoder(config.decoder, config.dtype)
-    lora = LoraConfig(
-        task_type=TaskType.CAUSAL_LM, inference_mode=False, r=config.lora_r, lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout, target_modules=config.lora_target, bias=config.lora_bias,
-    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        decoder = get_peft_model(decoder, lora)
+        decoder = get_peft_model(decoder, lora_config(config))
         model = AudioLLM(config, decoder, tokenizer)
     for name, p in model.named_parameters():  # LoRA weights stay fp32 even over a bf16 base
         if p.requires_grad and p.dtype != torch.float32:

@@ -33,6 +33,7 @@ from evaluator.compute import COMPILE_MODES
 from evaluator.data.specs import Prompt, choose_prompt
 from evaluator.errors import ConfigError, DataError, XaresError
 from evaluator.model import AudioLLM, Batch, Collated
+from evaluator.pack import DecoderPack, DropoutStream, Job
 
 logger = logging.getLogger(__name__)
 
@@ -281,8 +282,22 @@ def _to_cpu(obj):
     return obj
 
 
+def _global_rng(device: torch.device) -> dict[str, torch.Tensor]:
+    """The generator states a solo run's checkpoint holds (LoRA dropout draws on the device's own)."""
+    rng = {"torch_rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return rng
+
+
+def _set_global_rng(rng: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(rng["torch_rng"])
+    if device.type == "cuda" and "cuda_rng" in rng:
+        torch.cuda.set_rng_state(rng["cuda_rng"], device)
+
+
 def _save_checkpoint(out_dir: Path, step: int, model, optimizer, sampler_state: dict, losses, cfg: TrainConfig,
-                     threads: int | None = None) -> Path:
+                     rng: dict[str, torch.Tensor], threads: int | None = None) -> Path:
     """Write into a temporary directory, then rename: a kill never leaves a half checkpoint behind."""
     final = out_dir / f"{CHECKPOINT_PREFIX}{step:08d}"
     tmp = out_dir / f".tmp-{final.name}"
@@ -292,15 +307,12 @@ def _save_checkpoint(out_dir: Path, step: int, model, optimizer, sampler_state: 
     state = {
         "step": step,
         "optimizer": _to_cpu(optimizer.state_dict()),  # device-independent: resumes on a CPU or a GPU
-        "torch_rng": torch.get_rng_state(),
+        **rng,
         "sampler": json.dumps(sampler_state),
         "losses": torch.tensor(losses, dtype=torch.float64),
         "train_config": json.dumps(cfg.identity(), sort_keys=True),
         "model_config": json.dumps(model.config.to_dict(), sort_keys=True),
     }
-    device = model.projector.weight.device
-    if device.type == "cuda":  # LoRA dropout draws on the GPU's own generator
-        state["cuda_rng"] = torch.cuda.get_rng_state(device)
     if threads:
         state["cpu_threads"] = threads  # for the record: fp32 bits depend on it
     torch.save(state, tmp / "state.pt")
@@ -311,7 +323,12 @@ def _save_checkpoint(out_dir: Path, step: int, model, optimizer, sampler_state: 
     return final
 
 
-def _resume(out_dir: Path, model, optimizer, sampler, cfg: TrainConfig) -> tuple[int, list[float]] | None:
+def _resume(out_dir: Path, model, optimizer, sampler, cfg: TrainConfig) -> tuple[int, list[float], dict] | None:
+    """Load the newest checkpoint of ``out_dir`` into model, optimizer and sampler.
+
+    Returns:
+        (step, losses, generator states) or None when there is none; the caller puts the states back.
+    """
     found = _checkpoints(out_dir)
     if not found:
         return None
@@ -322,13 +339,9 @@ def _resume(out_dir: Path, model, optimizer, sampler, cfg: TrainConfig) -> tuple
                           "directory (outputs are keyed by their settings) or delete it")
     model.load_trainable(path / FINAL_WEIGHTS)
     optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["torch_rng"])
-    device = model.projector.weight.device
-    if device.type == "cuda" and "cuda_rng" in state:  # dropout draws on the GPU's own generator
-        torch.cuda.set_rng_state(state["cuda_rng"], device)
     sampler.load_state_dict(json.loads(state["sampler"]))
     logger.info("resuming training from %s (step %d)", path, step)
-    return step, state["losses"].tolist()
+    return step, state["losses"].tolist(), {k: state[k] for k in ("torch_rng", "cuda_rng") if k in state}
 
 
 def train(
@@ -374,7 +387,9 @@ def train(
             compute.graph_cache():
         optimizer = _make_optimizer(model, cfg, device)
         resumed = _resume(out_dir, model, optimizer, sampler, cfg)
-        start, losses = resumed if resumed else (0, [])
+        start, losses = resumed[:2] if resumed else (0, [])
+        if resumed:
+            _set_global_rng(resumed[2], device)
         end = cfg.max_steps if stop_at_step is None else min(cfg.max_steps, stop_at_step)
         body = None
         if compute.use_compile(cfg.compile, device):
@@ -410,7 +425,7 @@ def train(
                     recent = losses[-cfg.log_every:]
                     logger.info("step %d/%d  loss %.4f  lr %.2e", done, cfg.max_steps, sum(recent) / len(recent), lr)
                 if checkpoint:
-                    _save_checkpoint(out_dir, done, model, optimizer, sampler_state, losses, cfg, threads)
+                    _save_checkpoint(out_dir, done, model, optimizer, sampler_state, losses, cfg, _global_rng(device), threads)
         model.eval()
         if body is not None and body.failed:
             logger.warning("training ran in eager mode: %s", body.failed)
@@ -420,6 +435,191 @@ def train(
         model.save_trainable(weights)
     return TrainResult(steps=steps, losses=losses, weights=weights,
                        resumed_from=resumed[0] if resumed else None, seconds=time.monotonic() - t0)
+
+
+@dataclass
+class PackedJob:
+    """One decoder of a pack: what `train` takes for its solo run, with a `pack.Job` as its model."""
+
+    name: str  # for messages (the submission)
+    model: Job
+    datasets: Sequence[FeatureDataset]
+    probs: Sequence[float]
+    cfg: TrainConfig
+    out_dir: Path
+
+
+@dataclass
+class PackedOutcome:
+    name: str
+    result: TrainResult | None = None  # None when the job failed
+    error: XaresError | None = None  # why it left the pack
+
+
+SHARED_SETTINGS = ("device", "precision", "threads", "batch_size", "compile")  # one value for a whole pack
+
+
+class _Lane:
+    """A job's own training state inside a pack: sampler, optimizer, schedule, dropout stream, losses."""
+
+    def __init__(self, job: PackedJob, device: torch.device, stop_at_step: int | None):
+        self.job, self.cfg, self.device = job, job.cfg, device
+        self.end = job.cfg.max_steps if stop_at_step is None else min(job.cfg.max_steps, stop_at_step)
+        self.t0 = time.monotonic()
+        job.out_dir.mkdir(parents=True, exist_ok=True)
+        for leftover in job.out_dir.glob(".tmp-*"):  # a checkpoint interrupted while being written
+            shutil.rmtree(leftover, ignore_errors=True)
+        self.sampler = BatchSampler(job.model, job.datasets, job.probs, job.cfg)
+        self.params = [p for p in job.model.parameters() if p.requires_grad]
+        self.optimizer = _make_optimizer(job.model, job.cfg, device)
+        self.resumed = _resume(job.out_dir, job.model, self.optimizer, self.sampler, job.cfg)
+        self.step, self.losses = self.resumed[:2] if self.resumed else (0, [])
+        rng = self.resumed[2] if self.resumed else {}
+        seeded = torch.Generator().manual_seed(job.cfg.seed).get_state()  # what execution(seed=) sets
+        self.cpu_rng = rng.get("torch_rng", seeded)
+        draw_state = rng.get("cuda_rng") if device.type == "cuda" else self.cpu_rng
+        self.stream = DropoutStream(device, draw_state, seed=job.cfg.seed)
+        self.pending: list[torch.Tensor] = []
+        self.sampler_state = self.sampler.state_dict()
+        self.batches = None
+
+    def rng(self) -> dict[str, torch.Tensor]:
+        """Generator states for a checkpoint, as the solo run writes them."""
+        if self.device.type == "cuda":
+            return {"torch_rng": self.cpu_rng, "cuda_rng": self.stream.state}
+        return {"torch_rng": self.stream.state}
+
+    def result(self) -> TrainResult:
+        weights = self.job.out_dir / FINAL_WEIGHTS
+        if len(self.losses) == self.cfg.max_steps:
+            self.job.model.save_trainable(weights)
+        return TrainResult(steps=len(self.losses), losses=self.losses, weights=weights,
+                           resumed_from=self.resumed[0] if self.resumed else None,
+                           seconds=time.monotonic() - self.t0)
+
+
+def train_packed(pack: DecoderPack, jobs: Sequence[PackedJob], progress: bool = True, *,
+                 stop_at_step: int | None = None) -> list[PackedOutcome]:
+    """Train K decoders in lockstep over the pack's one frozen decoder; each as its solo `train` would.
+
+    Every job keeps its sampler, dropout stream, optimizer, schedule, gradient clipping, checkpoints and
+    resume, in the solo format: each job's batches and masks are those of its solo run, and a packed
+    run resumes solo or the other way round. A job whose data breaks or whose loss turns non-finite
+    leaves the pack with its reason (no checkpoint of the bad step); the others go on.
+
+    Args:
+        pack: the shared decoder; jobs come from ``pack.add_job``.
+        jobs: the decoders to train; their configs agree on `SHARED_SETTINGS`.
+        progress: one progress bar for the pack.
+        stop_at_step: stop every job after this step without a checkpoint, as if killed (tests).
+
+    Returns:
+        One PackedOutcome per job, in order.
+
+    Raises:
+        ConfigError: the jobs disagree on a shared setting.
+    """
+    if not jobs:
+        return []
+    first = jobs[0].cfg
+    for job in jobs[1:]:
+        differ = [k for k in SHARED_SETTINGS if getattr(job.cfg, k) != getattr(first, k)]
+        if differ:
+            raise ConfigError(f"{job.name} cannot share a pack with {jobs[0].name}: {', '.join(differ)} differ")
+    device = compute.resolve_device(first.device)
+    pack.to(device)
+    deterministic = first.precision == "fp32"
+    threads = compute.cpu_threads(first.threads) if device.type == "cpu" else None
+    outcomes = {job.name: PackedOutcome(job.name) for job in jobs}
+    # the shapes (and so the dropout masks) of each job's solo run, which buckets lengths when it captures graphs
+    bucket = compute.use_compile(first.compile, device)
+    if bucket:
+        logger.info("packed training runs eagerly (each job's dropout stream is swapped in per layer)")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=first.precision == "bf16")
+    read_every = 1 if device.type == "cpu" else first.log_every
+    with compute.execution(device, deterministic=deterministic, threads=threads, seed=None), \
+            contextlib.ExitStack() as stack:
+        lanes: list[_Lane] = []
+        for job in jobs:
+            job.model.to(device)
+            try:
+                lane = _Lane(job, device, stop_at_step)
+            except XaresError as e:
+                outcomes[job.name].error = e
+                logger.warning("%s leaves the pack: %s", job.name, e)
+                continue
+            lane.batches = stack.enter_context(_batches(job.model, lane.sampler, device, bucket=bucket))
+            lanes.append(lane)
+        for lane in [lane for lane in lanes if lane.step >= lane.end]:  # finished before: nothing to run
+            outcomes[lane.job.name].result = lane.result()
+            lanes.remove(lane)
+
+        def drop(lane: _Lane, error: XaresError) -> None:
+            outcomes[lane.job.name].error = error
+            logger.warning("%s leaves the pack at step %d: %s", lane.job.name, lane.step, error)
+            lanes.remove(lane)
+
+        pack.decoder.train()
+        total = sum(lane.end for lane in lanes)
+        completed = sum(lane.step for lane in lanes)
+        with _progress_bar(progress, completed, total) as (bar, task):
+            while lanes:
+                ready = []
+                for lane in list(lanes):
+                    for group in lane.optimizer.param_groups:
+                        group["lr"] = learning_rate(lane.step, lane.cfg)
+                    try:
+                        collated, lane.sampler_state = next(lane.batches)
+                    except XaresError as e:
+                        drop(lane, e)
+                        continue
+                    ready.append((lane, collated))
+                if not ready:
+                    break
+                with autocast:
+                    losses = pack.loss([lane.job.model for lane, _ in ready], [c for _, c in ready],
+                                       [lane.stream for lane, _ in ready])
+                torch.stack(losses).sum().backward()
+                for (lane, _), loss in zip(ready, losses):
+                    torch.nn.utils.clip_grad_norm_(lane.params, lane.cfg.max_grad_norm)
+                    lane.optimizer.step()
+                    lane.optimizer.zero_grad(set_to_none=True)
+                    lane.pending.append(loss.detach())
+                    lane.step += 1
+                    try:
+                        finished = _after_step(lane, read_every, threads)
+                    except DataError as e:
+                        drop(lane, e)
+                        continue
+                    if finished:
+                        outcomes[lane.job.name].result = lane.result()
+                        lanes.remove(lane)
+                if bar is not None:
+                    completed += len(ready)
+                    bar.update(task, completed=completed, description=f"training {len(lanes)} decoders")
+        pack.decoder.eval()
+    return [outcomes[job.name] for job in jobs]
+
+
+def _after_step(lane: _Lane, read_every: int, threads: int | None) -> bool:
+    """Losses, log and checkpoint of one job after its step, as the solo loop does them; True at its end.
+
+    Raises:
+        DataError: a non-finite loss (before any checkpoint of it).
+    """
+    cfg, done = lane.cfg, lane.step
+    checkpoint = done % cfg.checkpoint_every == 0 or done == cfg.max_steps
+    if checkpoint or done % read_every == 0 or done == lane.end:
+        lane.losses.extend(_read_losses(lane.pending, first_step=done - len(lane.pending)))
+        lane.pending.clear()
+    if done % cfg.log_every == 0 or done == cfg.max_steps:
+        recent = lane.losses[-cfg.log_every:]
+        logger.info("%s: step %d/%d  loss %.4f  lr %.2e", lane.job.name, done, cfg.max_steps,
+                    sum(recent) / len(recent), learning_rate(done - 1, cfg))
+    if checkpoint:
+        _save_checkpoint(lane.job.out_dir, done, lane.job.model, lane.optimizer, lane.sampler_state, lane.losses,
+                         cfg, lane.rng(), threads)
+    return done == lane.end
 
 
 def _forward_backward(model: AudioLLM, collated: Collated, body, autocast) -> torch.Tensor:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -281,3 +282,58 @@ class DecoderPack:
     def use(self, route: _EvalRoute | None) -> None:
         """Route the decoder's forward calls through ``route`` (None: the bare base decoder)."""
         self._route = route
+
+
+MAX_PACK = 16  # jobs per pack with --pack auto: beyond this the per-job work dominates on any device
+MEMORY_SHARE = 0.7  # of the free memory a pack's activations may take with --pack auto
+
+
+def activation_bytes(pack: DecoderPack, job: Job, rows: int, length: int) -> float:
+    """Bytes autograd keeps for one job's batch of ``rows`` x ``length`` positions, measured, not guessed.
+
+    Two short forwards with every saved tensor counted give the bytes per position (a line through
+    both), extrapolated to ``length``; attention that keeps its score matrix grows faster, hence the
+    margin `capacity` leaves.
+    """
+    def saved(n: int) -> int:
+        total = 0
+
+        def count(t: torch.Tensor):
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        batch = Collated(
+            features=torch.zeros(rows, 1, job.config.encoder_dim), text_ids=torch.zeros(rows, n - 1, dtype=torch.long),
+            source=torch.arange(n)[None].expand(rows, n) + (torch.arange(rows)[:, None] * (n + 1)),
+            attention_mask=torch.ones(rows, n, dtype=torch.long), position_ids=torch.arange(n)[None].expand(rows, n),
+            target_pos=torch.arange(rows) * n, target_ids=torch.zeros(rows, dtype=torch.long))
+        stream = DropoutStream(pack.device, seed=0)
+        devices = [pack.device.index or 0] if pack.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
+            loss = pack.loss([job], [batch], [stream])[0]
+        del loss
+        return total
+
+    short, long = saved(32), saved(96)
+    per_position = max(0.0, (long - short) / (64 * rows))
+    return short + per_position * rows * (length - 32)
+
+
+def capacity(pack: DecoderPack, job: Job, rows: int, length: int, *, free_bytes: float, limit: int = MAX_PACK) -> int:
+    """How many jobs of ``rows`` x ``length`` fit ``free_bytes``: activations, gradients and two Adam moments."""
+    trainable = sum(p.numel() * 4 for p in job.parameters()) * 4  # weights, grads, exp_avg, exp_avg_sq
+    per_job = 1.5 * activation_bytes(pack, job, rows, length) + trainable
+    return int(max(1, min(limit, MEMORY_SHARE * free_bytes // per_job)))
+
+
+def free_memory(device: torch.device) -> float:
+    """Bytes free for a pack on ``device``: the GPU's free memory, or the host's available memory."""
+    if device.type == "cuda":
+        return float(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return float(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))

@@ -24,6 +24,7 @@ import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 from evaluator.data import (
@@ -54,6 +55,7 @@ RUN_FORMAT = 3  # bump when the layout or the meaning of a stage's output change
 PREDICTIONS_DIR = "predictions"
 DIGEST_CACHE = ".cache/sha256.json"  # under --out: digests of decoder files by (path, size, mtime)
 SPOT_CHECK_MIN_CLIPS = 4  # re-extract at least this many clips, however small the share
+TEXT_POSITIONS = 256  # --pack auto sizes packs for the longest audio plus this many prompt and answer tokens
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,7 @@ class RunOutcome:
 
 
 Echo = Callable[[str], None]
+Predict = Callable[[TaskSpec, object], list]  # (task, its test FeatureDataset) -> Predictions, in dataset order
 
 
 def run_submission(archive: Path, track: TrackSpec, opts: RunOptions, *, echo: Echo = print,
@@ -115,12 +118,250 @@ def run_submission(archive: Path, track: TrackSpec, opts: RunOptions, *, echo: E
         DataError: the training data is missing or unusable.
         ModelError: the decoder or a metric model is missing.
     """
+    from evaluator.generation import Generator
+    from evaluator.model import build_model
+    from evaluator.training import train
+
+    train_track = _checked_tracks(track, train_track, opts)
+    prep = _prepare(Path(archive), track, train_track, opts, echo)
+    plan = prep.plan
+    echo(f"Training the decoder for track {train_track.name}: {plan.model_cfg.decoder}, {plan.train_cfg.max_steps} "
+         f"steps, {plan.train_cfg.precision} -> {plan.train_dir}")
+    model = build_model(plan.model_cfg, seed=plan.train_cfg.seed)
+    result = train(model, plan.datasets, plan.probs, plan.train_cfg, plan.train_dir, progress=opts.progress)
+    prep.stages.report_training(plan, result)
+    options = prep.stages.decoding_options()
+    with _OnFirstUse(lambda: Generator(model, options)) as generator:  # one merge of LoRA per run
+        return _finish(prep, lambda task, dataset: generator.get().generate(dataset, progress=opts.progress), model)
+
+
+@dataclass(frozen=True)
+class BatchOutcome:
+    """One submission of `run_submissions`: its outcome, or why it failed."""
+
+    archive: Path
+    outcome: RunOutcome | None = None
+    error: XaresError | None = None
+
+
+def run_submissions(archives: list[Path], track: TrackSpec, opts: RunOptions, *, pack: int | None = None,
+                    echo: Echo = print, train_track: TrackSpec | None = None) -> list[BatchOutcome]:
+    """Evaluate several submissions on ``track``, training (and decoding with) their decoders in packs.
+
+    Each submission is checked and its features extracted in turn; then the decoders that can share the
+    frozen decoder (same decoder, precision, device, batch size) are trained together, ``pack`` at a time
+    (None: as many as fit the device's memory), and decode their test sets together. Folders, keys and
+    results are those of separate `run_submission` calls: either reuses the other's finished work. A
+    submission that fails (invalid, a broken encoder, bad data, a non-finite loss) is reported; the
+    others go on.
+    """
+    train_track = _checked_tracks(track, train_track, opts)
+    done: dict[int, BatchOutcome] = {}
+    prepared: list[tuple[int, _Prepared]] = []
+    first_of: dict[Path, int] = {}  # the same file twice is evaluated once
+    for i, archive in enumerate(map(Path, archives)):
+        if archive.resolve() in first_of:
+            continue
+        first_of[archive.resolve()] = i
+        try:
+            prepared.append((i, _prepare(archive, track, train_track, opts, echo)))
+        except XaresError as e:
+            done[i] = BatchOutcome(archive, error=e)
+            echo(f"  - {archive.name}: FAILED: {first_line(e)}")
+    groups: dict[str, list[tuple[int, _Prepared]]] = {}
+    seen: dict[str, int] = {}  # two files with the same submission inside share one decoder
+    for i, prep in prepared:
+        if prep.sub_sha in seen:
+            first_of[prep.archive.resolve()] = seen[prep.sub_sha]
+            continue
+        seen[prep.sub_sha] = i
+        groups.setdefault(prep.plan.pack_key, []).append((i, prep))
+    for members in groups.values():
+        size = pack or _auto_pack_size([p for _, p in members], echo)
+        for start in range(0, len(members), size):
+            chunk = members[start : start + size]
+            try:
+                done.update(_run_pack(chunk, train_track, opts, echo))
+            except XaresError as e:  # the shared decoder itself: every member of the pack fails
+                for i, prep in chunk:
+                    done[i] = BatchOutcome(prep.archive, error=e)
+                echo(f"  - pack of {len(chunk)}: FAILED: {first_line(e)}")
+    outcomes = []
+    for i, archive in enumerate(map(Path, archives)):
+        same = done.get(i) or done[first_of[archive.resolve()]]
+        outcomes.append(BatchOutcome(archive, outcome=same.outcome, error=same.error))
+    return outcomes
+
+
+def _run_pack(chunk: list[tuple[int, _Prepared]], train_track: TrackSpec, opts: RunOptions,
+              echo: Echo) -> dict[int, BatchOutcome]:
+    from evaluator.generation import PackedGenerator
+    from evaluator.pack import DecoderPack
+    from evaluator.training import PackedJob, train_packed
+
+    first = chunk[0][1].plan
+    names = ", ".join(prep.label for _, prep in chunk)
+    echo(f"Training {len(chunk)} decoder{'s' if len(chunk) > 1 else ''} together for track {train_track.name}: "
+         f"{first.model_cfg.decoder}, {first.train_cfg.max_steps} steps, {first.train_cfg.precision} ({names})")
+    pack = DecoderPack(first.model_cfg)
+    outcomes: dict[int, BatchOutcome] = {}
+    try:
+        jobs = {i: pack.add_job(prep.plan.model_cfg, seed=prep.plan.train_cfg.seed) for i, prep in chunk}
+        trained = train_packed(pack, [PackedJob(prep.label, jobs[i], prep.plan.datasets, prep.plan.probs,
+                                                prep.plan.train_cfg, prep.plan.train_dir) for i, prep in chunk],
+                               progress=opts.progress)
+        live = []
+        for (i, prep), result in zip(chunk, trained):
+            if result.error is not None:
+                outcomes[i] = BatchOutcome(prep.archive, error=result.error)
+                echo(f"  - {prep.label}: FAILED: {first_line(result.error)}")
+                continue
+            prep.stages.report_training(prep.plan, result.result, prefix=f"{prep.label}: ")
+            live.append((i, prep))
+        if not live:
+            return outcomes
+        options = chunk[0][1].stages.decoding_options()
+        predictions = _PackedPredictions([jobs[i] for i, _ in live], [prep for _, prep in live], opts)
+        with _OnFirstUse(lambda: PackedGenerator(pack, [jobs[i] for i, _ in live], options)) as generator:
+            predictions.generator = generator
+            for k, (i, prep) in enumerate(live):
+                try:
+                    outcomes[i] = BatchOutcome(prep.archive, outcome=_finish(prep, partial(predictions.get, k), jobs[i]))
+                except XaresError as e:
+                    outcomes[i] = BatchOutcome(prep.archive, error=e)
+                    echo(f"  - {prep.label}: FAILED: {first_line(e)}")
+    finally:
+        pack.close()
+    return outcomes
+
+
+class _PackedPredictions:
+    """Decodes a task for every job of a pack the first time one of them asks for it.
+
+    A job whose test features break decoding (a bad shape, NaN) would stop the shared batches: the task
+    is then decoded job by job, so only that job's task fails.
+    """
+
+    def __init__(self, jobs, preps: list[_Prepared], opts: RunOptions):
+        self.jobs, self.preps, self.opts = jobs, preps, opts
+        self.generator: _OnFirstUse | None = None
+        self._done: dict[tuple[int, str], list | XaresError] = {}
+
+    def get(self, k: int, task: TaskSpec, dataset) -> list:
+        if (k, task.id) not in self._done:
+            self._decode(task)
+        value = self._done.pop((k, task.id))
+        if isinstance(value, XaresError):
+            raise value
+        return value
+
+    def _decode(self, task: TaskSpec) -> None:
+        wanted = [prep.needs_predictions(task) for prep in self.preps]
+        datasets = [prep.eval_stores[task.id].dataset(prompt=task.prompt, task=task.id) if want else None
+                    for prep, want in zip(self.preps, wanted)]
+        datasets = [ds if ds is not None and len(ds) else None for ds in datasets]
+        gen = self.generator.get()
+        try:
+            results = gen.generate_many(datasets, progress=self.opts.progress)
+        except DataError:
+            results = []
+            for k, ds in enumerate(datasets):
+                try:
+                    results.append(gen.generate_many([ds if j == k else None for j in range(len(datasets))],
+                                                     progress=self.opts.progress)[k])
+                except DataError as e:
+                    results.append(e)
+        for k, value in enumerate(results):
+            if wanted[k]:
+                self._done[k, task.id] = [] if value is None else value
+
+
+def resolve_track(name: str | None, *, train_config: Path | None = None, eval_config: Path | None = None,
+                  data_home: Path | None = None, hidden_config: Path | None = None) -> TrackSpec:
+    """A named track, or a custom one from XARES-LLM YAML files (``--train-config/--eval-config``)."""
+    from evaluator.data import load_xares_yaml
+
+    if train_config or eval_config:
+        return load_xares_yaml(train_config, eval_config, track=name or "custom")
+    return get_track(name, hidden_config=hidden_config, data_home=data_home)
+
+
+def _device(opts: RunOptions) -> tuple[str, str]:
+    """The decoder's device, checked now: its name ('cuda:0') and description ('cuda:0 (NVIDIA H200)')."""
+    from evaluator import compute
+
+    device = compute.resolve_device(opts.device)
+    return str(device), compute.describe(device)
+
+
+def _decoder_track(track: TrackSpec, opts: RunOptions) -> TrackSpec:
+    if track.decoder_track == track.name or track.train_tasks:
+        return track
+    return get_track(track.decoder_track, hidden_config=opts.hidden_config, data_home=opts.data_home)
+
+
+def _checked_tracks(track: TrackSpec, train_track: TrackSpec | None, opts: RunOptions) -> TrackSpec:
     train_track = train_track or _decoder_track(track, opts)
     if not track.eval_tasks:
         raise DataError(f"track {track.name} has no evaluation task (no test shards with a metric)")
     if not train_track.train_tasks:
         raise DataError(f"track {train_track.name} has no training task to train its decoder on")
-    archive = Path(archive)
+    return train_track
+
+
+@dataclass
+class _TrainPlan:
+    """Everything that trains one submission's decoder, decided before any training starts."""
+
+    model_cfg: object  # ModelConfig
+    train_cfg: object  # TrainConfig
+    key: str
+    train_dir: Path
+    datasets: list
+    probs: list[float]
+    pack_key: str  # plans with equal keys can share a pack's decoder
+    longest: int  # positions of the longest training row it can draw (audio frames + text), for --pack auto
+
+
+@dataclass
+class _Prepared:
+    """A submission checked and its features stored: what its decoder and its scoring need."""
+
+    archive: Path
+    manifest: Manifest
+    sub_sha: str
+    sub_dir: Path
+    probe: ProbeReport
+    stages: _Stages
+    track: TrackSpec
+    train_track: TrackSpec
+    eval_stores: dict[str, FeatureStore]
+    described: str
+    plan: _TrainPlan
+
+    @property
+    def label(self) -> str:  # unique among submissions: two teams may pick the same name
+        return self.sub_dir.name
+
+    @property
+    def run_key(self) -> str:
+        return _digest({
+            "format": RUN_FORMAT, "train": self.plan.train_dir.name, "track": self.track.name,
+            "tasks": [_task_identity(t, self.eval_stores.get(t.id)) for t in self.track.eval_tasks],
+            "decoding": {"max_new_tokens": self.stages.opts.max_new_tokens, "batch": self.stages.opts.eval_batch_size},
+        })
+
+    @property
+    def run_dir(self) -> Path:
+        return self.sub_dir / f"{self.track.name}-{self.run_key[:12]}"
+
+    def needs_predictions(self, task: TaskSpec) -> bool:
+        return (task.id in self.eval_stores and task.id not in self.stages.errors
+                and not (self.run_dir / PREDICTIONS_DIR / f"{task.id}.jsonl").exists())
+
+
+def _prepare(archive: Path, track: TrackSpec, train_track: TrackSpec, opts: RunOptions, echo: Echo) -> _Prepared:
+    """Check the submission, run its probe, extract and spot-check its features, plan its decoder."""
     echo(f"Checking {archive.name}")
     with unpacked(archive) as sub:
         root, manifest, sub_sha = sub.root, sub.manifest, sub.sha256
@@ -150,32 +391,34 @@ def run_submission(archive: Path, track: TrackSpec, opts: RunOptions, *, echo: E
             train_stores = stages.extract_split(train_track.train_tasks, "train", required=True)
             eval_stores = stages.extract_split(track.eval_tasks, "test", required=False)
             stages.spot_check(track.eval_tasks, eval_stores)
-        train_dir, model = stages.train(train_track, train_stores, sub_dir)
-        run_key = _digest({
-            "format": RUN_FORMAT, "train": train_dir.name, "track": track.name,
-            "tasks": [_task_identity(t, eval_stores.get(t.id)) for t in track.eval_tasks],
-            "decoding": {"max_new_tokens": opts.max_new_tokens, "batch": opts.eval_batch_size},
+    plan = stages.plan_training(train_track, train_stores, sub_dir)
+    return _Prepared(archive, manifest, sub_sha, sub_dir, probe, stages, track, train_track, eval_stores, described,
+                     plan)
+
+
+def _finish(prep: _Prepared, predict: Predict, codec) -> RunOutcome:
+    """Generate (through ``predict``), score and write results.json in the submission's run folder."""
+    run_key, run_dir, manifest, stages, track = prep.run_key, prep.run_dir, prep.manifest, prep.stages, prep.track
+    opts = stages.opts
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with _log_to(run_dir / "run.log"):
+        _write_json(run_dir / "probe.json", prep.probe.to_dict())
+        _write_json(run_dir / "config.json", {
+            "run_key": run_key, "submission": {"name": manifest.name, "sha256": prep.sub_sha},
+            "track": track.name, "train_dir": str(prep.plan.train_dir), "device": prep.described,
+            "options": _jsonable(asdict(opts)),
+            "skipped": {k: v for k, v in stages.skips.items()},
         })
-        run_dir = sub_dir / f"{track.name}-{run_key[:12]}"
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with _log_to(run_dir / "run.log"):
-            _write_json(run_dir / "probe.json", probe.to_dict())
-            _write_json(run_dir / "config.json", {
-                "run_key": run_key, "submission": {"name": manifest.name, "sha256": sub_sha},
-                "track": track.name, "train_dir": str(train_dir), "device": described,
-                "options": _jsonable(asdict(opts)),
-                "skipped": {k: v for k, v in stages.skips.items()},
-            })
-            results = stages.evaluate(track, eval_stores, model, run_dir)
+        results = stages.evaluate(track, prep.eval_stores, run_dir, predict, codec)
     from evaluator import __version__
     from evaluator.scoring import results_document
 
     document = results_document(
-        submission=manifest.name, sha256=sub_sha, machine=opts.machine, track=track.name, tasks=results,
+        submission=manifest.name, sha256=prep.sub_sha, machine=opts.machine, track=track.name, tasks=results,
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), evaluator_version=__version__,
-        run_key=run_key, config={"train_dir": train_dir.name, "decoder": stages.decoder_name(train_track),
-                                 "max_steps": stages.max_steps(train_track), "precision": opts.precision,
-                                 "device": described},
+        run_key=run_key, config={"train_dir": prep.plan.train_dir.name, "decoder": prep.plan.model_cfg.decoder,
+                                 "max_steps": prep.plan.train_cfg.max_steps, "precision": opts.precision,
+                                 "device": prep.described},
     )
     results_path = run_dir / "results.json"
     _write_json(results_path, document)
@@ -183,28 +426,24 @@ def run_submission(archive: Path, track: TrackSpec, opts: RunOptions, *, echo: E
     return RunOutcome(run_dir=run_dir, results_path=results_path, document=document)
 
 
-def resolve_track(name: str | None, *, train_config: Path | None = None, eval_config: Path | None = None,
-                  data_home: Path | None = None, hidden_config: Path | None = None) -> TrackSpec:
-    """A named track, or a custom one from XARES-LLM YAML files (``--train-config/--eval-config``)."""
-    from evaluator.data import load_xares_yaml
+def _auto_pack_size(preps: list[_Prepared], echo: Echo) -> int:
+    """As many jobs as the device's free memory holds at the longest batch these jobs can draw."""
+    from evaluator.compute import resolve_device
+    from evaluator.pack import DecoderPack, capacity, free_memory
 
-    if train_config or eval_config:
-        return load_xares_yaml(train_config, eval_config, track=name or "custom")
-    return get_track(name, hidden_config=hidden_config, data_home=data_home)
-
-
-def _device(opts: RunOptions) -> tuple[str, str]:
-    """The decoder's device, checked now: its name ('cuda:0') and description ('cuda:0 (NVIDIA H200)')."""
-    from evaluator import compute
-
-    device = compute.resolve_device(opts.device)
-    return str(device), compute.describe(device)
-
-
-def _decoder_track(track: TrackSpec, opts: RunOptions) -> TrackSpec:
-    if track.decoder_track == track.name or track.train_tasks:
-        return track
-    return get_track(track.decoder_track, hidden_config=opts.hidden_config, data_home=opts.data_home)
+    plan = preps[0].plan
+    device = resolve_device(plan.train_cfg.device)
+    widest = max(preps, key=lambda p: p.plan.model_cfg.encoder_dim).plan
+    length = max(p.plan.longest for p in preps)
+    pack = DecoderPack(plan.model_cfg).to(device)
+    try:
+        job = pack.add_job(widest.model_cfg, seed=0)
+        size = capacity(pack, job, plan.train_cfg.batch_size, length, free_bytes=free_memory(device))
+    finally:
+        pack.close()
+    echo(f"  - --pack auto: {size} decoder{'s' if size > 1 else ''} per pack on {device} "
+         f"(batches of up to {length} positions)")
+    return size
 
 
 class _OnFirstUse:
@@ -331,9 +570,10 @@ class _Stages:
             return windows * per_window, per_window, track.crop_audio_length
         return max(1, round(track.crop_audio_length * self.manifest.frames_per_second)), 1, None
 
-    def train(self, track: TrackSpec, stores: dict[str, FeatureStore], sub_dir: Path):
-        from evaluator.model import ModelConfig, build_model
-        from evaluator.training import TrainConfig, train
+    def plan_training(self, track: TrackSpec, stores: dict[str, FeatureStore], sub_dir: Path) -> _TrainPlan:
+        from evaluator.model import ModelConfig
+        from evaluator.pack import shared_part
+        from evaluator.training import SHARED_SETTINGS, TrainConfig
 
         decoder = self.decoder_name(track)
         model_cfg = ModelConfig(encoder_dim=self.manifest.output_dim, decoder=decoder,
@@ -350,59 +590,61 @@ class _Stages:
         )
         mixture = track.mixture()
         tasks = track.train_tasks
+        decoder_id = _decoder_identity(decoder, DigestCache(Path(self.opts.out) / DIGEST_CACHE))
         key = _digest({
-            "format": RUN_FORMAT, "submission": self.sub_sha, "model": model_cfg.to_dict(),
-            "decoder": _decoder_identity(decoder, DigestCache(Path(self.opts.out) / DIGEST_CACHE)),
+            "format": RUN_FORMAT, "submission": self.sub_sha, "model": model_cfg.to_dict(), "decoder": decoder_id,
             "train": train_cfg.identity(),
             "tasks": [{**_task_identity(t, stores[t.id]), "prob": mixture[t.id]} for t in tasks],
         })
-        train_dir = sub_dir / f"train-{track.name}-{key[:12]}"
-        self.echo(f"Training the decoder for track {track.name}: {decoder}, {train_cfg.max_steps} steps, "
-                  f"{train_cfg.precision} -> {train_dir}")
-        model = build_model(model_cfg, seed=train_cfg.seed)
-        datasets = [stores[t.id].dataset(prompt=t.prompt_for_training, task=t.id) for t in tasks]
-        result = train(model, datasets, [mixture[t.id] for t in tasks], train_cfg, train_dir,
-                       progress=self.opts.progress)
-        if result.resumed_from == train_cfg.max_steps:
-            self.echo("  - reused the finished checkpoint")
+        pack_key = _digest({"model": shared_part(model_cfg).to_dict(), "decoder": decoder_id,
+                            "shared": {k: getattr(train_cfg, k) for k in SHARED_SETTINGS}})
+        frames = max((e.frames for t in tasks for e in stores[t.id].entries.values()), default=1)
+        plan = _TrainPlan(model_cfg=model_cfg, train_cfg=train_cfg, key=key,
+                          train_dir=sub_dir / f"train-{track.name}-{key[:12]}",
+                          datasets=[stores[t.id].dataset(prompt=t.prompt_for_training, task=t.id) for t in tasks],
+                          probs=[mixture[t.id] for t in tasks], pack_key=pack_key,
+                          longest=min(frames, crop[0] or frames) + TEXT_POSITIONS)
+        return plan
+
+    def report_training(self, plan: _TrainPlan, result, prefix: str = "") -> None:
+        if result.resumed_from == plan.train_cfg.max_steps:
+            self.echo(f"  - {prefix}reused the finished checkpoint")
         elif result.resumed_from:
-            self.echo(f"  - resumed from step {result.resumed_from}")
+            self.echo(f"  - {prefix}resumed from step {result.resumed_from}")
         tail = result.losses[-min(50, len(result.losses)):]
         if tail:
-            self.echo(f"  - final loss {sum(tail) / len(tail):.3f} ({result.seconds:.0f} s)")
-        _write_json(train_dir / "train.json", {"key": key, "model": model_cfg.to_dict(), "device": self.device,
-                                                "train": train_cfg.identity(), "steps": result.steps})
-        return train_dir, model
+            self.echo(f"  - {prefix}final loss {sum(tail) / len(tail):.3f} ({result.seconds:.0f} s)")
+        _write_json(plan.train_dir / "train.json", {"key": plan.key, "model": plan.model_cfg.to_dict(),
+                                                    "device": self.device, "train": plan.train_cfg.identity(),
+                                                    "steps": result.steps})
 
     # ---- generation and scoring ------------------------------------------------------------------
-    def evaluate(self, track: TrackSpec, stores: dict[str, FeatureStore], model, run_dir: Path) -> list:
+    def evaluate(self, track: TrackSpec, stores: dict[str, FeatureStore], run_dir: Path, predict: Predict,
+                 codec) -> list:
+        """Predictions (cached on disk, else from ``predict``) and the score of every eval task."""
         from evaluator.scoring import TaskResult
 
-        self.echo(f"Generating and scoring ({len(track.eval_tasks)} tasks)")
+        self.echo(f"Generating and scoring {self.manifest.name} ({len(track.eval_tasks)} tasks)")
         results = []
         scorer = None
-        from evaluator.generation import Generator
-
-        options = self._decoding_options()
-        with _OnFirstUse(lambda: Generator(model, options)) as generator:  # one merge of LoRA per run
-            for task in track.eval_tasks:
-                try:
-                    if task.id in self.errors:
-                        raise DataError(self.errors[task.id])
-                    rows = self._predictions(task, stores[task.id], generator, run_dir, model)
-                    scorer = scorer or self._caption_scorer(task)
-                    value = _score(task, rows, scorer)
-                    results.append(TaskResult(task.id, task.hidden, task.metric, value, len(rows)))
-                    self.echo(f"  - {task.id}: {task.metric} {100 * value:.1f} ({len(rows)} samples)")
-                except XaresError as e:  # one bad task is reported, the run goes on
-                    if isinstance(e, SubmissionError):
-                        raise
-                    results.append(TaskResult(task.id, task.hidden, task.metric or "?", 0.0, 0, failed=True,
-                                              error=first_line(e)))
-                    self.echo(f"  - {task.id}: FAILED: {e}")
+        for task in track.eval_tasks:
+            try:
+                if task.id in self.errors:
+                    raise DataError(self.errors[task.id])
+                rows = self._predictions(task, stores[task.id], predict, run_dir, codec)
+                scorer = scorer or self._caption_scorer(task)
+                value = _score(task, rows, scorer)
+                results.append(TaskResult(task.id, task.hidden, task.metric, value, len(rows)))
+                self.echo(f"  - {task.id}: {task.metric} {100 * value:.1f} ({len(rows)} samples)")
+            except XaresError as e:  # one bad task is reported, the run goes on
+                if isinstance(e, SubmissionError):
+                    raise
+                results.append(TaskResult(task.id, task.hidden, task.metric or "?", 0.0, 0, failed=True,
+                                          error=first_line(e)))
+                self.echo(f"  - {task.id}: FAILED: {e}")
         return results
 
-    def _decoding_options(self):
+    def decoding_options(self):
         from evaluator.generation import DecodingOptions
 
         # The eval YAML's batch_size (4 for many tasks) sized the reference's stock loop; greedy answers do
@@ -411,8 +653,8 @@ class _Stages:
                                batch_size=self.opts.eval_batch_size, compile=self.opts.compile,
                                precision=self.opts.precision)
 
-    def _predictions(self, task: TaskSpec, store: FeatureStore, generator: _OnFirstUse, run_dir: Path,
-                     model) -> list[dict]:
+    def _predictions(self, task: TaskSpec, store: FeatureStore, predict: Predict, run_dir: Path,
+                     codec) -> list[dict]:
         """Predictions of one task with sample ids, in data order; reused when already complete.
 
         Each row also lists ``ref_index``: where each of its references lands in the reference's own
@@ -422,7 +664,7 @@ class _Stages:
         if path.exists():
             return [json.loads(line) for line in path.read_text().splitlines() if line]
         dataset = store.dataset(prompt=task.prompt, task=task.id)
-        predictions = generator.get().generate(dataset, progress=self.opts.progress) if len(dataset) else []
+        predictions = predict(task, dataset) if len(dataset) else []
         rows = [{"id": p.key, "prediction": p.text, "references": list(dataset.targets(i)), "status": "ok"}
                 for i, p in enumerate(predictions)]
         # clips the encoder failed on stay in the test set, scored as wrong (empty prediction)
@@ -437,7 +679,7 @@ class _Stages:
         samples = []
         for r in rows:
             seconds, own = meta[r["id"]]
-            prompt = model.prompt_ids(choose_prompt(task.prompt, own, draw=prompt_draw(r["id"])))
+            prompt = codec.prompt_ids(choose_prompt(task.prompt, own, draw=prompt_draw(r["id"])))
             samples.append(EvalSample(r["id"].rsplit("/", 1)[0], len(r["references"]), len(prompt), seconds))
         for r, index in zip(rows, reference_eval_order(task, samples, data_home=self.opts.data_home)):
             r["ref_index"] = list(index)

@@ -1,4 +1,4 @@
-"""``xares-eval run``: one submission, one track, from submission.tar to results.json."""
+"""``xares-eval run``: submissions on a track, from submission.tar to results.json (several: in packs)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from evaluator.errors import ConfigError
+from evaluator.errors import ConfigError, first_line
 
 TRACKS = ("A", "A-hidden", "B", "B-hidden", "demo-a", "demo-b")
 
@@ -16,6 +16,7 @@ TRACKS = ("A", "A-hidden", "B", "B-hidden", "demo-a", "demo-b")
     epilog="""\b
 Examples:
   xares-eval run submission.tar --track A
+  xares-eval run team1.tar team2.tar team3.tar --track A --pack auto
   xares-eval run submission.tar --track B-hidden --hidden-config /secure/hidden.yaml
   xares-eval run submission.tar --train-config train_task1_config.yaml \\
       --eval-config eval_task1_config.yaml --max-steps 2000
@@ -25,9 +26,10 @@ Examples:
 \b
 Outputs go under --out, in folders named by a hash of everything that shapes them (submission
 digest, configs, decoder, seed, steps): rerunning after a kill resumes; a changed setting never
-reuses an old checkpoint or score.""",
+reuses an old checkpoint or score. Several submissions with --pack train their
+decoders together over one frozen decoder, into the same folders as separate runs.""",
 )
-@click.argument("submission", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("submissions", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--track", type=click.Choice(TRACKS), default=None,
               help="Track to run. Not needed with --train-config/--eval-config.")
 @click.option("--train-config", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
@@ -81,23 +83,28 @@ reuses an old checkpoint or score.""",
                    "the encoder, on top of --time-floor; the encoder is killed when it runs out.")
 @click.option("--time-floor", type=click.FloatRange(min=1), default=300.0, show_default=True,
               help="Seconds every time budget starts with.")
+@click.option("--pack", "pack", default="1", show_default=True, metavar="auto|K",
+              help="Train (and decode) up to K submissions' decoders together over one frozen decoder; auto: as "
+                   "many as fit the device's memory. Each gets the result of its own run; a failed one is reported "
+                   "and the others go on.")
 @click.option("--quiet", is_flag=True, help="No progress bars (they are off anyway when stdout is not a terminal).")
-def run(submission: Path, track: str | None, train_config: Path | None, eval_config: Path | None,
+def run(submissions: tuple[Path, ...], track: str | None, train_config: Path | None, eval_config: Path | None,
         decoder: str | None, max_steps: int | None, out: Path, precision: str, device: str, compile_mode: str,
         feature_dtype: str, seed: int | None,
         machine: str | None, data_home: Path | None, hidden_config: Path | None, offline: bool,
         limit_clips: int | None, threads: int | None, checkpoint_every: int, eval_batch_size: int | None, memory_mb: int | None, gpu: bool, spot_check: float,
-        time_limit: float, time_floor: float, quiet: bool) -> None:
-    """Evaluate SUBMISSION (a submission.tar) on a track and write results.json.
+        time_limit: float, time_floor: float, pack: str, quiet: bool) -> None:
+    """Evaluate SUBMISSIONS (submission.tar files) on a track and write a results.json for each.
 
     Validates the submission, extracts features in the sandbox (once per clip), trains the projector
     and LoRA decoder of the track, generates an answer per test clip and scores it. A task that fails
-    is reported and scored 0 ("failed"); the run goes on.
+    is reported and scored 0 ("failed"); the run goes on. With several submissions, one that fails is
+    reported in one line and the others go on; the exit code is then that of the first failure.
     """
     from evaluator.cores import settle_openmp
 
     settle_openmp()  # before anything imports torch
-    from evaluator.runner import RunOptions, resolve_track, run_submission
+    from evaluator.runner import RunOptions, resolve_track, run_submission, run_submissions
     from evaluator.sandbox.base import TimeBudget
 
     if track is None and not (train_config or eval_config):
@@ -115,11 +122,55 @@ def run(submission: Path, track: str | None, train_config: Path | None, eval_con
                       data_home=data_home, hidden_config=hidden_config, download=not offline,
                       limit_clips=limit_clips, threads=threads, checkpoint_every=checkpoint_every, eval_batch_size=eval_batch_size, memory_mb=memory_mb, gpu=gpu, spot_check=spot_check,
                       progress=not quiet and sys.stdout.isatty(), **({"machine": machine} if machine else {}))
-    outcome = run_submission(submission, spec, opts, echo=click.echo, train_track=train_spec)
+    size = _pack_size(pack)
+    if len(submissions) == 1:
+        outcomes = [run_submission(submissions[0], spec, opts, echo=click.echo, train_track=train_spec)]
+        failures = []
+    else:
+        batch = (run_submissions(list(submissions), spec, opts, pack=size, echo=click.echo, train_track=train_spec)
+                 if size != 1 else _one_by_one(submissions, spec, opts, train_spec))
+        outcomes = [b.outcome for b in batch if b.outcome is not None]
+        failures = [b for b in batch if b.error is not None]
     from evaluator.cli.leaderboard import build_table, render_md
     from evaluator.scoring import leaderboard, parse_results
 
-    header, body = build_table(leaderboard([parse_results(outcome.document)]))
-    click.echo("")
-    click.echo(render_md(header, body))
-    click.echo(f"Results: {outcome.results_path}")
+    if outcomes:
+        header, body = build_table(leaderboard([parse_results(o.document) for o in outcomes]))
+        click.echo("")
+        click.echo(render_md(header, body))
+        for outcome in outcomes:
+            click.echo(f"Results: {outcome.results_path}")
+    if failures:
+        for f in failures:
+            click.echo(f"error: {f.archive.name}: {first_line(f.error)}", err=True)
+        click.echo(f"error: {len(failures)} of {len(submissions)} submissions failed", err=True)
+        sys.exit(failures[0].error.exit_code)
+
+
+def _pack_size(value: str) -> int | None:
+    """--pack: 'auto' (None) or a positive count."""
+    if value.strip().lower() == "auto":
+        return None
+    try:
+        size = int(value)
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise ConfigError(f"--pack must be 'auto' or a positive number of submissions, got {value!r}")
+    return size
+
+
+def _one_by_one(submissions, spec, opts, train_spec):
+    """--pack 1: each submission's run as `xares-eval run` of it alone; a failure does not stop the others."""
+    from evaluator.errors import XaresError
+    from evaluator.runner import BatchOutcome, run_submission
+
+    done = []
+    for archive in submissions:
+        try:
+            done.append(BatchOutcome(archive, outcome=run_submission(archive, spec, opts, echo=click.echo,
+                                                                    train_track=train_spec)))
+        except XaresError as e:
+            click.echo(f"  - {archive.name}: FAILED: {first_line(e)}")
+            done.append(BatchOutcome(archive, error=e))
+    return done

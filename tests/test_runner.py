@@ -333,3 +333,93 @@ def test_demo_command_runs_both_tracks_and_prints_chance(tmp_path):
     tail = result.output.split("Chance level of each task")[1]
     chance = [line for line in tail.splitlines() if line.startswith("  - demo-")]
     assert len(chance) == 5 and all(line.split()[-1].replace(".", "").isdigit() for line in chance)
+
+
+# ---- several submissions in packs (issue 12) --------------------------------------------------------
+@pytest.fixture(scope="module")
+def second(world):
+    """Another encoder: the baseline at half the bands (D = 40) and half the frame rate (25 frames/s)."""
+    from evaluator.submission.build import build
+
+    root = world[0]
+    folder = root / "encoder40"
+    shutil.copytree(template_dir() / "onnx", folder)
+    source = (folder / "encoder.py").read_text()
+    (folder / "encoder.py").write_text(source.replace("N_MELS = 80", "N_MELS = 40").replace("HOP = 320", "HOP = 640"))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "name": "logmel-40"}))
+    build(folder, root / "submission40.tar")
+    return root / "submission40.tar"
+
+
+def _losses(train_dir: Path) -> list[float]:
+    import torch
+
+    latest = sorted(train_dir.glob("checkpoint-*"))[-1]
+    return torch.load(latest / "state.pt", weights_only=True)["losses"].tolist()
+
+
+def _rows(run_dir: Path, task: str) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "predictions" / f"{task}.jsonl").read_text().splitlines()]
+
+
+def test_a_packed_run_gives_each_submission_its_separate_run(world, second, tmp_path, monkeypatch):
+    from evaluator import generation
+    from evaluator.runner import run_submissions
+
+    root, data_home, track = world
+    tars = [root / "submission.tar", second]
+    packed_lines: list[str] = []
+    packed = run_submissions(tars, track, _opts(root, data_home, out=tmp_path / "packed", max_steps=12), pack=2,
+                             echo=packed_lines.append)
+    assert all(b.error is None for b in packed), [b.error for b in packed]
+    assert any("Training 2 decoders together" in line for line in packed_lines)
+    solo = [run_submission(t, track, _opts(root, data_home, out=tmp_path / "solo", max_steps=12), echo=lambda s: None)
+            for t in tars]
+    for together, alone in zip(packed, solo):
+        together = together.outcome
+        # the same folders and keys: a packed run and separate runs are interchangeable
+        assert together.run_dir.relative_to(tmp_path / "packed") == alone.run_dir.relative_to(tmp_path / "solo")
+        train_dir = together.document["config"]["train_dir"]
+        assert train_dir == alone.document["config"]["train_dir"]
+        a, b = _losses(alone.run_dir.parent / train_dir), _losses(together.run_dir.parent / train_dir)
+        assert len(a) == 12 and max(abs(x - y) / abs(x) for x, y in zip(a, b)) < 1e-5
+        for task in track.eval_tasks:  # the same answers, sample by sample
+            assert _rows(together.run_dir, task.id) == _rows(alone.run_dir, task.id)
+        assert [(t["task"], t["score"]) for t in together.document["tasks"]] == \
+            [(t["task"], t["score"]) for t in alone.document["tasks"]]
+    # each reuses the other's finished work: no training step, no decoding
+    monkeypatch.setattr(generation.Generator, "generate", lambda *a, **k: pytest.fail("decoded again"))
+    monkeypatch.setattr(generation.PackedGenerator, "generate_many", lambda *a, **k: pytest.fail("decoded again"))
+    lines: list[str] = []
+    again = run_submission(tars[1], track, _opts(root, data_home, out=tmp_path / "packed", max_steps=12),
+                           echo=lines.append)
+    assert any("reused the finished checkpoint" in line for line in lines)
+    assert again.document["tasks"] == packed[1].outcome.document["tasks"]
+    lines = []
+    both = run_submissions(tars, track, _opts(root, data_home, out=tmp_path / "solo", max_steps=12), pack=2,
+                           echo=lines.append)
+    assert sum("reused the finished checkpoint" in line for line in lines) == 2
+    assert [b.outcome.document["tasks"] for b in both] == [s.document["tasks"] for s in solo]
+
+
+def test_the_cli_runs_several_submissions_and_reports_each_failure(world, second, tmp_path):
+    root, data_home, _ = world
+    broken = tmp_path / "broken.tar"
+    broken.write_bytes(b"not a tar at all")
+    args = ["run", str(root / "submission.tar"), str(broken), str(second), "--track", "demo-a",
+            "--data-home", str(data_home), "--decoder", str(root / "decoder"), "--max-steps", "4",
+            "--limit-clips", "4", "--offline", "--out", str(tmp_path / "out"), "--quiet", "--spot-check", "0"]
+    result = CliRunner().invoke(eval_cli, args + ["--pack", "auto"])
+    assert result.exit_code == 1, result.output
+    assert "--pack auto: " in result.output and "Training 2 decoders together" in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert errors[0].startswith("error: broken.tar: ") and "not a readable tar archive" in errors[0]
+    assert errors[-1] == "error: 1 of 3 submissions failed" and "Traceback" not in result.output
+    assert len(list((tmp_path / "out").glob("*/demo-a-*/results.json"))) == 2
+    # --pack 1 runs them one after the other, each exactly as alone: everything is reused here
+    result = CliRunner().invoke(eval_cli, args + ["--pack", "1"])
+    assert result.exit_code == 1 and result.output.count("reused the finished checkpoint") == 2, result.output
+    for bad in ("0", "many"):
+        result = CliRunner().invoke(eval_cli, args + ["--pack", bad])
+        assert result.exit_code == 2 and "--pack must be 'auto' or a positive number" in result.output

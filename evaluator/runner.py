@@ -201,7 +201,8 @@ def _run_pack(chunk: list[tuple[int, _Prepared]], train_track: TrackSpec, opts: 
 
     first = chunk[0][1].plan
     names = ", ".join(prep.label for _, prep in chunk)
-    echo(f"Training {len(chunk)} decoder{'s' if len(chunk) > 1 else ''} together for track {train_track.name}: "
+    together = f"{len(chunk)} decoders together" if len(chunk) > 1 else "1 decoder (a pack of one)"
+    echo(f"Training {together} for track {train_track.name}: "
          f"{first.model_cfg.decoder}, {first.train_cfg.max_steps} steps, {first.train_cfg.precision} ({names})")
     pack = DecoderPack(first.model_cfg)
     outcomes: dict[int, BatchOutcome] = {}
@@ -221,7 +222,7 @@ def _run_pack(chunk: list[tuple[int, _Prepared]], train_track: TrackSpec, opts: 
         if not live:
             return outcomes
         options = chunk[0][1].stages.decoding_options()
-        predictions = _PackedPredictions([jobs[i] for i, _ in live], [prep for _, prep in live], opts)
+        predictions = _PackedPredictions([prep for _, prep in live], opts)
         with _OnFirstUse(lambda: PackedGenerator(pack, [jobs[i] for i, _ in live], options)) as generator:
             predictions.generator = generator
             for k, (i, prep) in enumerate(live):
@@ -242,8 +243,8 @@ class _PackedPredictions:
     is then decoded job by job, so only that job's task fails.
     """
 
-    def __init__(self, jobs, preps: list[_Prepared], opts: RunOptions):
-        self.jobs, self.preps, self.opts = jobs, preps, opts
+    def __init__(self, preps: list[_Prepared], opts: RunOptions):
+        self.preps, self.opts = preps, opts
         self.generator: _OnFirstUse | None = None
         self._done: dict[tuple[int, str], list | XaresError] = {}
 

@@ -7,6 +7,9 @@ position, so a run killed at any point resumes to bit-for-bit the same weights (
 
     model = build_model(ModelConfig(encoder_dim=768))
     result = train(model, [esc50, gtzan], [0.5, 1.0], TrainConfig(max_steps=2000), Path("run/train"))
+
+`train_packed` trains several submissions' decoders in one forward/backward over a shared frozen decoder
+(`evaluator.pack`), each job exactly as its solo `train` would (same batches, masks, checkpoints).
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
     python benchmarks/gpu/summarize.py WORK_DIR [DEMO_DIR] > gpu-check.json
 
-WORK_DIR holds phases.jsonl, tests.xml, engine.json and train.json; DEMO_DIR (.gpu-demo) the GPU's demo
-results and the CPU's (cpu-results.json), compared task by task.
+WORK_DIR holds phases.jsonl, tests.xml, engine.json, train.json and pack.json; DEMO_DIR (.gpu-demo) the
+GPU's demo results and the CPU's (cpu-results.json), compared task by task. Whether packed training met
+issue 12's target (8 jobs packed >= 5x 8 solo runs in sequence) is also printed to stderr.
 """
 
 from __future__ import annotations
@@ -51,6 +52,20 @@ def demo(folder: Path) -> dict | None:
     return {"tasks": rows, "device": gpu[0].get("config", {}).get("device")}
 
 
+def pack(path: Path) -> dict | None:
+    """bench_pack.py's figures, with issue 12's target per precision (None where K=8 or a solo run is missing)."""
+    figures = _json(path)
+    if not figures:
+        return None
+    target = {precision: s.get("target") for precision, s in (figures.get("summary") or {}).items()}
+    for precision, t in target.items():
+        line = ("not measured" if not t else
+                f"{t['speedup']:.2f}x ({'met' if t['met'] else 'NOT met'})")
+        print(f"issue 12, {precision}: 8 jobs packed vs 8 solo runs in sequence (target >= 5x): {line}",
+              file=sys.stderr)
+    return {**figures, "target_8_jobs_5x": target}
+
+
 def main(argv: list[str]) -> int:
     work = Path(argv[1])
     demo_dir = Path(argv[2]) if len(argv) > 2 else None
@@ -62,6 +77,7 @@ def main(argv: list[str]) -> int:
         "tests": tests(work / "tests.xml"),
         "engine": _json(work / "engine.json"),
         "train_track_a": _json(work / "train.json"),
+        "pack": pack(work / "pack.json"),
         "demo": demo(demo_dir) if demo_dir and demo_dir.is_dir() else None,
     }
     print(json.dumps(report, indent=2))

@@ -444,6 +444,9 @@ def _auto_pack_size(preps: list[_Prepared], echo: Echo) -> int:
         pack.close()
     echo(f"  - --pack auto: {size} decoder{'s' if size > 1 else ''} per pack on {device} "
          f"(batches of up to {length} positions)")
+    if device.type == "cpu" and size > 1:
+        echo("    (on a CPU a pack is no faster than separate runs, measured in docs/benchmarks.md: the cores "
+             "have no idle time for it to fill; --pack 1 runs them one after another)")
     return size
 
 

@@ -19,6 +19,7 @@ Rows of different jobs never meet: attention, norms and the loss are per row, th
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import os
@@ -65,9 +66,12 @@ class Job(TextCodec, nn.Module):
     def __init__(self, config: ModelConfig, pack: DecoderPack, tensors: dict[str, torch.Tensor]):
         super().__init__()
         self.config = config
-        self.tokenizer = pack.tokenizer
+        # its own copy: on a GPU each job's batches are tokenized by its own thread, and a fast tokenizer
+        # shared between threads can fail ("Already borrowed")
+        self.tokenizer = copy.deepcopy(pack.tokenizer)
         self._prompt_cache: dict[str, list[int]] = {}
         self._solo_names = list(tensors)
+        assert self._solo_names[-2:] == ["projector.weight", "projector.bias"], self._solo_names[-2:]
         for i, name in enumerate(self._solo_names[:-2]):
             self.register_parameter(f"lora_{i}", nn.Parameter(tensors[name].clone()))
         self.projector = nn.Linear(config.encoder_dim, pack.hidden_size)

@@ -1,6 +1,6 @@
 """Packed training equals solo training: per-step losses of K jobs, alone and packed, SmolLM2-135M-shaped.
 
-CI checks 25 steps (tests/test_pack.py); this runs the issue's 200 (too long for CI on two cores) and
+CI checks 12 steps (tests/test_pack.py); this runs the issue's 200 (too long for CI on two cores) and
 prints the largest relative difference per job, the figure docs/benchmarks.md records::
 
     python benchmarks/pack_equality.py --steps 200 --jobs 2 --json pack-equality.json

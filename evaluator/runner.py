@@ -118,15 +118,19 @@ def run_submission(archive: Path, track: TrackSpec, opts: RunOptions, *, echo: E
         DataError: the training data is missing or unusable.
         ModelError: the decoder or a metric model is missing.
     """
+    train_track = _checked_tracks(track, train_track, opts)
+    return _run_solo(_prepare(Path(archive), track, train_track, opts, echo), echo)
+
+
+def _run_solo(prep: _Prepared, echo: Echo) -> RunOutcome:
+    """Train the submission's decoder alone, then generate and score."""
     from evaluator.generation import Generator
     from evaluator.model import build_model
     from evaluator.training import train
 
-    train_track = _checked_tracks(track, train_track, opts)
-    prep = _prepare(Path(archive), track, train_track, opts, echo)
-    plan = prep.plan
-    echo(f"Training the decoder for track {train_track.name}: {plan.model_cfg.decoder}, {plan.train_cfg.max_steps} "
-         f"steps, {plan.train_cfg.precision} -> {plan.train_dir}")
+    plan, opts = prep.plan, prep.stages.opts
+    echo(f"Training the decoder for track {prep.train_track.name}: {plan.model_cfg.decoder}, "
+         f"{plan.train_cfg.max_steps} steps, {plan.train_cfg.precision} -> {plan.train_dir}")
     model = build_model(plan.model_cfg, seed=plan.train_cfg.seed)
     result = train(model, plan.datasets, plan.probs, plan.train_cfg, plan.train_dir, progress=opts.progress)
     prep.stages.report_training(plan, result)
@@ -150,7 +154,8 @@ def run_submissions(archives: list[Path], track: TrackSpec, opts: RunOptions, *,
 
     Each submission is checked and its features extracted in turn; then the decoders that can share the
     frozen decoder (same decoder, precision, device, batch size) are trained together, ``pack`` at a time
-    (None: as many as fit the device's memory), and decode their test sets together. Folders, keys and
+    (None: as many as fit the device's memory; 1: each alone, as `run_submission`), and decode their test
+    sets together. Folders, keys and
     results are those of separate `run_submission` calls: either reuses the other's finished work. A
     submission that fails (invalid, a broken encoder, bad data, a non-finite loss) is reported; the
     others go on.
@@ -178,6 +183,14 @@ def run_submissions(archives: list[Path], track: TrackSpec, opts: RunOptions, *,
         groups.setdefault(prep.plan.pack_key, []).append((i, prep))
     for members in groups.values():
         size = pack or _auto_pack_size([p for _, p in members], echo)
+        if size == 1:  # one at a time: each exactly as `run_submission` alone
+            for i, prep in members:
+                try:
+                    done[i] = BatchOutcome(prep.archive, outcome=_run_solo(prep, echo))
+                except XaresError as e:
+                    done[i] = BatchOutcome(prep.archive, error=e)
+                    echo(f"  - {prep.label}: FAILED: {first_line(e)}")
+            continue
         for start in range(0, len(members), size):
             chunk = members[start : start + size]
             try:

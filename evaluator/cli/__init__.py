@@ -29,6 +29,7 @@ SUBMIT_COMMANDS = {
 }
 EVAL_COMMANDS = {
     "run": "evaluator.cli.run:run",
+    "campaign": "evaluator.cli.campaign:campaign",
     "extract": "evaluator.cli.extract:extract",
     "tasks": "evaluator.cli.tasks:tasks",
     "demo-data": "evaluator.cli.tasks:demo_data",

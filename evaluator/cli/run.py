@@ -127,8 +127,7 @@ def run(submissions: tuple[Path, ...], track: str | None, train_config: Path | N
         outcomes = [run_submission(submissions[0], spec, opts, echo=click.echo, train_track=train_spec)]
         failures = []
     else:
-        batch = (run_submissions(list(submissions), spec, opts, pack=size, echo=click.echo, train_track=train_spec)
-                 if size != 1 else _one_by_one(submissions, spec, opts, train_spec))
+        batch = run_submissions(list(submissions), spec, opts, pack=size, echo=click.echo, train_track=train_spec)
         outcomes = [b.outcome for b in batch if b.outcome is not None]
         failures = [b for b in batch if b.error is not None]
     from evaluator.cli.leaderboard import build_table, render_md
@@ -159,18 +158,3 @@ def _pack_size(value: str) -> int | None:
         raise ConfigError(f"--pack must be 'auto' or a positive number of submissions, got {value!r}")
     return size
 
-
-def _one_by_one(submissions, spec, opts, train_spec):
-    """--pack 1: each submission's run as `xares-eval run` of it alone; a failure does not stop the others."""
-    from evaluator.errors import XaresError
-    from evaluator.runner import BatchOutcome, run_submission
-
-    done = []
-    for archive in submissions:
-        try:
-            done.append(BatchOutcome(archive, outcome=run_submission(archive, spec, opts, echo=click.echo,
-                                                                    train_track=train_spec)))
-        except XaresError as e:
-            click.echo(f"  - {archive.name}: FAILED: {first_line(e)}")
-            done.append(BatchOutcome(archive, error=e))
-    return done

@@ -1,0 +1,90 @@
+"""``xares-eval campaign``: many submissions on several tracks in one command; ``campaign status DIR``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from evaluator.errors import ConfigError
+
+
+@click.command(
+    epilog="""\b
+Examples:
+  xares-eval campaign subs/*.tar --tracks A,A-hidden,B,B-hidden --out camp/ --pack auto
+  xares-eval campaign status camp/
+
+\b
+Everything lands in OUT: runs/ (the same hash-keyed folders as `xares-eval run`), campaign.json (one
+record per submission and track), leaderboard.md/.tsv/.html. Rerunning the command skips what is done.""",
+)
+@click.argument("submissions", nargs=-1, required=True)
+@click.option("--tracks", default="A,A-hidden,B,B-hidden", show_default=True,
+              help="Comma-separated tracks; a track scored with another's decoder runs after it.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("campaign"),
+              show_default=True, help="The campaign folder.")
+@click.option("--pack", default="1", show_default=True, metavar="auto|K",
+              help="Decoders trained together per pack (see `xares-eval run --pack`).")
+@click.option("--decoder", default=None, metavar="NAME|PATH", help="Decoder [default: the track's].")
+@click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Training steps [default: the track's].")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
+@click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N")
+@click.option("--data-home", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.option("--hidden-config", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None)
+@click.option("--offline", is_flag=True, help="Never download shards.")
+@click.option("--limit-clips", type=click.IntRange(min=1), default=None, help="At most N clips per task split (smoke runs).")
+@click.option("--threads", type=click.IntRange(min=1), default=None)
+@click.option("--machine", default=None, help="Machine name written into results.json [default: host name].")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def campaign(submissions: tuple[str, ...], tracks: str, out: Path, pack: str, decoder: str | None,
+             max_steps: int | None, precision: str, device: str, data_home: Path | None,
+             hidden_config: Path | None, offline: bool, limit_clips: int | None, threads: int | None,
+             machine: str | None, quiet: bool) -> None:
+    """Evaluate SUBMISSIONS (submission.tar files) on every track of --tracks and write the leaderboard.
+
+    `xares-eval campaign status DIR` prints the job table of a campaign folder, also while it runs.
+    """
+    if submissions[0] == "status":
+        if len(submissions) != 2:
+            raise ConfigError("usage: xares-eval campaign status DIR")
+        return _status(Path(submissions[1]))
+    paths = [Path(s) for s in submissions]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise ConfigError(f"no such submission file: {', '.join(missing)}")
+    from evaluator.cores import settle_openmp
+
+    settle_openmp()
+    from evaluator.campaign import run_campaign, status_table
+    from evaluator.cli.leaderboard import render_md
+    from evaluator.cli.run import _pack_size
+    from evaluator.runner import RunOptions, resolve_track
+
+    size = _pack_size(pack)
+    names = [t.strip() for t in tracks.split(",") if t.strip()]
+    specs = [resolve_track(n, data_home=data_home, hidden_config=hidden_config) for n in names]
+    opts = RunOptions(decoder=decoder, max_steps=max_steps, precision=precision, device=device, data_home=data_home,
+                      hidden_config=hidden_config, download=not offline, limit_clips=limit_clips, threads=threads,
+                      progress=not quiet and sys.stdout.isatty(), **({"machine": machine} if machine else {}))
+    records = run_campaign(paths, specs, out, opts, pack=size, echo=click.echo)
+    click.echo("")
+    click.echo(render_md(*status_table(records)))
+    click.echo(f"Leaderboard: {out / 'leaderboard.md'} (also .tsv, .html)")
+    failed = [r for r in records if r.status != "done"]
+    if failed:
+        click.echo(f"error: {len(failed)} of {len(records)} jobs failed (see the table)", err=True)
+        sys.exit(1)
+
+
+def _status(out: Path) -> None:
+    from evaluator.campaign import read_state, status_table
+    from evaluator.cli.leaderboard import render_md
+
+    records = read_state(out)
+    click.echo(render_md(*status_table(records)))
+    counts = {}
+    for r in records:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    click.echo(", ".join(f"{n} {status}" for status, n in sorted(counts.items())))

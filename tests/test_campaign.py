@@ -87,3 +87,43 @@ def test_a_killed_campaign_shows_interrupted_jobs(world, tmp_path):
     assert status.exit_code == 2 and "not a campaign folder" in status.output
     missing = CliRunner().invoke(eval_cli, ["campaign", str(tmp_path / "absent.tar"), "--out", str(out)])
     assert missing.exit_code == 2 and "no such submission file" in missing.output
+
+
+def test_a_campaign_killed_mid_training_resumes_to_the_same_results(world, tmp_path):
+    """SIGKILL the campaign process once a checkpoint exists; the rerun finishes from it, and every score
+    equals an uninterrupted campaign's (fp32 is deterministic)."""
+    import os
+    import signal
+    import sys
+    import time
+
+    root, data_home = world
+    args = ["--tracks", "demo-a", "--decoder", str(root / "decoder"), "--max-steps", "60", "--checkpoint-every", "5",
+            "--limit-clips", "4", "--offline", "--data-home", str(data_home), "--quiet", "--threads", "1"]
+    subs = [str(root / "mel80.tar"), str(root / "mel40.tar")]
+    cli = [sys.executable, "-m", "evaluator", "campaign", *subs]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([*cli, "--out", str(killed), *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list(killed.glob("runs/*/train-*/checkpoint-*")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, "the campaign ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    status = CliRunner().invoke(eval_cli, ["campaign", "status", str(killed)])
+    assert "interrupted" in status.output or "waiting" in status.output, status.output
+    rerun = subprocess.run([*cli, "--out", str(killed), *args], env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "resumed from step" in rerun.stdout
+    whole = tmp_path / "whole"
+    subprocess.run([*cli, "--out", str(whole), *args], env=env, capture_output=True, text=True, timeout=600, check=True)
+    for out in (killed, whole):
+        assert {j["status"] for j in json.loads((out / "campaign.json").read_text())["jobs"]} == {"done"}
+
+    def scores(out):
+        return sorted((j["submission"], json.dumps(json.loads((out / j["results"]).read_text())["tasks"]))
+                      for j in json.loads((out / "campaign.json").read_text())["jobs"])
+
+    assert scores(killed) == scores(whole)

@@ -36,12 +36,14 @@ record per submission and track), leaderboard.md/.tsv/.html. Rerunning the comma
 @click.option("--offline", is_flag=True, help="Never download shards.")
 @click.option("--limit-clips", type=click.IntRange(min=1), default=None, help="At most N clips per task split (smoke runs).")
 @click.option("--threads", type=click.IntRange(min=1), default=None)
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=500, show_default=True,
+              help="Training steps between checkpoints (a killed campaign resumes from the last one).")
 @click.option("--machine", default=None, help="Machine name written into results.json [default: host name].")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def campaign(submissions: tuple[str, ...], tracks: str, out: Path, pack: str, decoder: str | None,
              max_steps: int | None, precision: str, device: str, data_home: Path | None,
              hidden_config: Path | None, offline: bool, limit_clips: int | None, threads: int | None,
-             machine: str | None, quiet: bool) -> None:
+             checkpoint_every: int, machine: str | None, quiet: bool) -> None:
     """Evaluate SUBMISSIONS (submission.tar files) on every track of --tracks and write the leaderboard.
 
     `xares-eval campaign status DIR` prints the job table of a campaign folder, also while it runs.
@@ -67,7 +69,7 @@ def campaign(submissions: tuple[str, ...], tracks: str, out: Path, pack: str, de
     specs = [resolve_track(n, data_home=data_home, hidden_config=hidden_config) for n in names]
     opts = RunOptions(decoder=decoder, max_steps=max_steps, precision=precision, device=device, data_home=data_home,
                       hidden_config=hidden_config, download=not offline, limit_clips=limit_clips, threads=threads,
-                      progress=not quiet and sys.stdout.isatty(), **({"machine": machine} if machine else {}))
+                      checkpoint_every=checkpoint_every, progress=not quiet and sys.stdout.isatty(), **({"machine": machine} if machine else {}))
     records = run_campaign(paths, specs, out, opts, pack=size, echo=click.echo)
     click.echo("")
     click.echo(render_md(*status_table(records)))

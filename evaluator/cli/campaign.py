@@ -61,10 +61,10 @@ def campaign(submissions: tuple[str, ...], tracks: str, out: Path, pack: str, de
     settle_openmp()
     from evaluator.campaign import run_campaign, status_table
     from evaluator.cli.leaderboard import render_md
-    from evaluator.cli.run import _pack_size
+    from evaluator.cli.run import parse_pack
     from evaluator.runner import RunOptions, resolve_track
 
-    size = _pack_size(pack)
+    size = parse_pack(pack)
     names = [t.strip() for t in tracks.split(",") if t.strip()]
     specs = [resolve_track(n, data_home=data_home, hidden_config=hidden_config) for n in names]
     opts = RunOptions(decoder=decoder, max_steps=max_steps, precision=precision, device=device, data_home=data_home,

@@ -122,7 +122,7 @@ def run(submissions: tuple[Path, ...], track: str | None, train_config: Path | N
                       data_home=data_home, hidden_config=hidden_config, download=not offline,
                       limit_clips=limit_clips, threads=threads, checkpoint_every=checkpoint_every, eval_batch_size=eval_batch_size, memory_mb=memory_mb, gpu=gpu, spot_check=spot_check,
                       progress=not quiet and sys.stdout.isatty(), **({"machine": machine} if machine else {}))
-    size = _pack_size(pack)
+    size = parse_pack(pack)
     if len(submissions) == 1:
         outcomes = [run_submission(submissions[0], spec, opts, echo=click.echo, train_track=train_spec)]
         failures = []
@@ -146,7 +146,7 @@ def run(submissions: tuple[Path, ...], track: str | None, train_config: Path | N
         sys.exit(failures[0].error.exit_code)
 
 
-def _pack_size(value: str) -> int | None:
+def parse_pack(value: str) -> int | None:
     """--pack: 'auto' (None) or a positive count."""
     if value.strip().lower() == "auto":
         return None

@@ -182,23 +182,12 @@ def run_submissions(archives: list[Path], track: TrackSpec, opts: RunOptions, *,
         seen[prep.sub_sha] = i
         groups.setdefault(prep.plan.pack_key, []).append((i, prep))
     for members in groups.values():
-        size = pack or _auto_pack_size([p for _, p in members], echo)
-        if size == 1:  # one at a time: each exactly as `run_submission` alone
+        try:
+            _run_group(members, pack, train_track, opts, echo, done)
+        except XaresError as e:  # the shared decoder itself: every member not finished yet fails
             for i, prep in members:
-                try:
-                    done[i] = BatchOutcome(prep.archive, outcome=_run_solo(prep, echo))
-                except XaresError as e:
-                    done[i] = BatchOutcome(prep.archive, error=e)
-                    echo(f"  - {prep.label}: FAILED: {first_line(e)}")
-            continue
-        for start in range(0, len(members), size):
-            chunk = members[start : start + size]
-            try:
-                done.update(_run_pack(chunk, train_track, opts, echo))
-            except XaresError as e:  # the shared decoder itself: every member of the pack fails
-                for i, prep in chunk:
-                    done[i] = BatchOutcome(prep.archive, error=e)
-                echo(f"  - pack of {len(chunk)}: FAILED: {first_line(e)}")
+                done.setdefault(i, BatchOutcome(prep.archive, error=e))
+            echo(f"  - {len(members)} submission(s) sharing the decoder: FAILED: {first_line(e)}")
     outcomes = []
     for i, archive in enumerate(map(Path, archives)):
         same = done.get(i) or done[first_of[archive.resolve()]]
@@ -206,10 +195,37 @@ def run_submissions(archives: list[Path], track: TrackSpec, opts: RunOptions, *,
     return outcomes
 
 
-def _run_pack(chunk: list[tuple[int, _Prepared]], train_track: TrackSpec, opts: RunOptions,
-              echo: Echo) -> dict[int, BatchOutcome]:
-    from evaluator.generation import PackedGenerator
+def _run_group(members: list[tuple[int, _Prepared]], pack: int | None, train_track: TrackSpec, opts: RunOptions,
+               echo: Echo, done: dict[int, BatchOutcome]) -> None:
+    """The submissions that can share one decoder: sized (--pack auto) and trained over one loaded pack."""
     from evaluator.pack import DecoderPack
+
+    with _OnFirstUse(lambda: _closing(DecoderPack(members[0][1].plan.model_cfg))) as shared:
+        size = pack or _auto_pack_size(shared.get(), [p for _, p in members], echo)
+        if size == 1:  # one at a time: each exactly as `run_submission` alone
+            for i, prep in members:
+                try:
+                    done[i] = BatchOutcome(prep.archive, outcome=_run_solo(prep, echo))
+                except XaresError as e:
+                    done[i] = BatchOutcome(prep.archive, error=e)
+                    echo(f"  - {prep.label}: FAILED: {first_line(e)}")
+            return
+        for start in range(0, len(members), size):
+            done.update(_run_pack(members[start : start + size], shared.get(), train_track, opts, echo))
+
+
+@contextlib.contextmanager
+def _closing(pack):
+    try:
+        yield pack
+    finally:
+        pack.close()
+
+
+def _run_pack(chunk: list[tuple[int, _Prepared]], pack, train_track: TrackSpec, opts: RunOptions,
+              echo: Echo) -> dict[int, BatchOutcome]:
+    """Train the chunk's decoders together over ``pack``'s decoder, then decode and score them."""
+    from evaluator.generation import PackedGenerator
     from evaluator.training import PackedJob, train_packed
 
     first = chunk[0][1].plan
@@ -217,35 +233,31 @@ def _run_pack(chunk: list[tuple[int, _Prepared]], train_track: TrackSpec, opts: 
     together = f"{len(chunk)} decoders together" if len(chunk) > 1 else "1 decoder (a pack of one)"
     echo(f"Training {together} for track {train_track.name}: "
          f"{first.model_cfg.decoder}, {first.train_cfg.max_steps} steps, {first.train_cfg.precision} ({names})")
-    pack = DecoderPack(first.model_cfg)
     outcomes: dict[int, BatchOutcome] = {}
-    try:
-        jobs = {i: pack.add_job(prep.plan.model_cfg, seed=prep.plan.train_cfg.seed) for i, prep in chunk}
-        trained = train_packed(pack, [PackedJob(prep.label, jobs[i], prep.plan.datasets, prep.plan.probs,
-                                                prep.plan.train_cfg, prep.plan.train_dir) for i, prep in chunk],
-                               progress=opts.progress)
-        live = []
-        for (i, prep), result in zip(chunk, trained):
-            if result.error is not None:
-                outcomes[i] = BatchOutcome(prep.archive, error=result.error)
-                echo(f"  - {prep.label}: FAILED: {first_line(result.error)}")
-                continue
-            prep.stages.report_training(prep.plan, result.result, prefix=f"{prep.label}: ")
-            live.append((i, prep))
-        if not live:
-            return outcomes
-        options = chunk[0][1].stages.decoding_options()
-        predictions = _PackedPredictions([prep for _, prep in live], opts)
-        with _OnFirstUse(lambda: PackedGenerator(pack, [jobs[i] for i, _ in live], options)) as generator:
-            predictions.generator = generator
-            for k, (i, prep) in enumerate(live):
-                try:
-                    outcomes[i] = BatchOutcome(prep.archive, outcome=_finish(prep, partial(predictions.get, k), jobs[i]))
-                except XaresError as e:
-                    outcomes[i] = BatchOutcome(prep.archive, error=e)
-                    echo(f"  - {prep.label}: FAILED: {first_line(e)}")
-    finally:
-        pack.close()
+    jobs = {i: pack.add_job(prep.plan.model_cfg, seed=prep.plan.train_cfg.seed) for i, prep in chunk}
+    trained = train_packed(pack, [PackedJob(prep.label, jobs[i], prep.plan.datasets, prep.plan.probs,
+                                            prep.plan.train_cfg, prep.plan.train_dir) for i, prep in chunk],
+                           progress=opts.progress)
+    live = []
+    for (i, prep), result in zip(chunk, trained):
+        if result.error is not None:
+            outcomes[i] = BatchOutcome(prep.archive, error=result.error)
+            echo(f"  - {prep.label}: FAILED: {first_line(result.error)}")
+            continue
+        prep.stages.report_training(prep.plan, result.result, prefix=f"{prep.label}: ")
+        live.append((i, prep))
+    if not live:
+        return outcomes
+    options = chunk[0][1].stages.decoding_options()
+    predictions = _PackedPredictions([prep for _, prep in live], opts)
+    with _OnFirstUse(lambda: PackedGenerator(pack, [jobs[i] for i, _ in live], options)) as generator:
+        predictions.generator = generator
+        for k, (i, prep) in enumerate(live):
+            try:
+                outcomes[i] = BatchOutcome(prep.archive, outcome=_finish(prep, partial(predictions.get, k), jobs[i]))
+            except XaresError as e:
+                outcomes[i] = BatchOutcome(prep.archive, error=e)
+                echo(f"  - {prep.label}: FAILED: {first_line(e)}")
     return outcomes
 
 
@@ -440,21 +452,17 @@ def _finish(prep: _Prepared, predict: Predict, codec) -> RunOutcome:
     return RunOutcome(run_dir=run_dir, results_path=results_path, document=document)
 
 
-def _auto_pack_size(preps: list[_Prepared], echo: Echo) -> int:
+def _auto_pack_size(pack, preps: list[_Prepared], echo: Echo) -> int:
     """As many jobs as the device's free memory holds at the longest batch these jobs can draw."""
     from evaluator.compute import resolve_device
-    from evaluator.pack import DecoderPack, capacity, free_memory
+    from evaluator.pack import capacity, free_memory
 
     plan = preps[0].plan
     device = resolve_device(plan.train_cfg.device)
     widest = max(preps, key=lambda p: p.plan.model_cfg.encoder_dim).plan
     length = max(p.plan.longest for p in preps)
-    pack = DecoderPack(plan.model_cfg).to(device)
-    try:
-        job = pack.add_job(widest.model_cfg, seed=0)
-        size = capacity(pack, job, plan.train_cfg.batch_size, length, free_bytes=free_memory(device))
-    finally:
-        pack.close()
+    job = pack.to(device).add_job(widest.model_cfg, seed=0)
+    size = capacity(pack, job, plan.train_cfg.batch_size, length, free_bytes=free_memory(device))
     echo(f"  - --pack auto: {size} decoder{'s' if size > 1 else ''} per pack on {device} "
          f"(batches of up to {length} positions)")
     if device.type == "cpu" and size > 1:

@@ -418,26 +418,42 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
                 pending.append(loss.detach())
                 done = step + 1
-                checkpoint = done % cfg.checkpoint_every == 0 or done == cfg.max_steps
-                if checkpoint or done % read_every == 0 or done == end:
-                    losses.extend(_read_losses(pending, first_step=done - len(pending)))
-                    pending.clear()
-                    if bar is not None:
-                        bar.update(task, completed=done, description=f"training  loss {losses[-1]:.3f}")
-                if done % cfg.log_every == 0 or done == cfg.max_steps:
-                    recent = losses[-cfg.log_every:]
-                    logger.info("step %d/%d  loss %.4f  lr %.2e", done, cfg.max_steps, sum(recent) / len(recent), lr)
+                checkpoint = _bookkeep(done, end, cfg, losses, pending, read_every)
+                if bar is not None and not pending:  # just read back
+                    bar.update(task, completed=done, description=f"training  loss {losses[-1]:.3f}")
                 if checkpoint:
                     _save_checkpoint(out_dir, done, model, optimizer, sampler_state, losses, cfg, _global_rng(device), threads)
         model.eval()
         if body is not None and body.failed:
             logger.warning("training ran in eager mode: %s", body.failed)
-    steps = len(losses)
-    weights = out_dir / FINAL_WEIGHTS
-    if steps == cfg.max_steps:
-        model.save_trainable(weights)
-    return TrainResult(steps=steps, losses=losses, weights=weights,
+    return TrainResult(steps=len(losses), losses=losses, weights=_final_weights(model, out_dir, losses, cfg),
                        resumed_from=resumed[0] if resumed else None, seconds=time.monotonic() - t0)
+
+
+def _final_weights(model, out_dir: Path, losses: list[float], cfg: TrainConfig) -> Path:
+    """Where the trained weights go; written once every step is done."""
+    weights = out_dir / FINAL_WEIGHTS
+    if len(losses) == cfg.max_steps:
+        model.save_trainable(weights)
+    return weights
+
+
+def _bookkeep(done: int, end: int, cfg: TrainConfig, losses: list[float], pending: list[torch.Tensor],
+              read_every: int, who: str = "") -> bool:
+    """After step ``done``: read the pending losses back when due, log, and say whether a checkpoint is due.
+
+    Raises:
+        DataError: a non-finite loss (before any checkpoint of it).
+    """
+    checkpoint = done % cfg.checkpoint_every == 0 or done == cfg.max_steps
+    if checkpoint or done % read_every == 0 or done == end:
+        losses.extend(_read_losses(pending, first_step=done - len(pending)))
+        pending.clear()
+    if done % cfg.log_every == 0 or done == cfg.max_steps:
+        recent = losses[-cfg.log_every:]
+        logger.info("%sstep %d/%d  loss %.4f  lr %.2e", who, done, cfg.max_steps, sum(recent) / len(recent),
+                    learning_rate(done - 1, cfg))
+    return checkpoint
 
 
 @dataclass
@@ -493,9 +509,7 @@ class _Lane:
         return {"torch_rng": self.stream.state}
 
     def result(self) -> TrainResult:
-        weights = self.job.out_dir / FINAL_WEIGHTS
-        if len(self.losses) == self.cfg.max_steps:
-            self.job.model.save_trainable(weights)
+        weights = _final_weights(self.job.model, self.job.out_dir, self.losses, self.cfg)
         return TrainResult(steps=len(self.losses), losses=self.losses, weights=weights,
                            resumed_from=self.resumed[0] if self.resumed else None,
                            seconds=time.monotonic() - self.t0)
@@ -610,19 +624,10 @@ def _after_step(lane: _Lane, read_every: int, threads: int | None) -> bool:
     Raises:
         DataError: a non-finite loss (before any checkpoint of it).
     """
-    cfg, done = lane.cfg, lane.step
-    checkpoint = done % cfg.checkpoint_every == 0 or done == cfg.max_steps
-    if checkpoint or done % read_every == 0 or done == lane.end:
-        lane.losses.extend(_read_losses(lane.pending, first_step=done - len(lane.pending)))
-        lane.pending.clear()
-    if done % cfg.log_every == 0 or done == cfg.max_steps:
-        recent = lane.losses[-cfg.log_every:]
-        logger.info("%s: step %d/%d  loss %.4f  lr %.2e", lane.job.name, done, cfg.max_steps,
-                    sum(recent) / len(recent), learning_rate(done - 1, cfg))
-    if checkpoint:
-        _save_checkpoint(lane.job.out_dir, done, lane.job.model, lane.optimizer, lane.sampler_state, lane.losses,
-                         cfg, lane.rng(), threads)
-    return done == lane.end
+    if _bookkeep(lane.step, lane.end, lane.cfg, lane.losses, lane.pending, read_every, who=f"{lane.job.name}: "):
+        _save_checkpoint(lane.job.out_dir, lane.step, lane.job.model, lane.optimizer, lane.sampler_state,
+                         lane.losses, lane.cfg, lane.rng(), threads)
+    return lane.step == lane.end
 
 
 def _forward_backward(model: AudioLLM, collated: Collated, body, autocast) -> torch.Tensor:

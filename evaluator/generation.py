@@ -364,37 +364,44 @@ def _prepared_decoder(model: AudioLLM, options: DecodingOptions):
     if not options.merge_lora:
         yield decoder
         return
-    params = dict(decoder.named_parameters())
-    with torch.no_grad():
-        backup = {name: p.detach().to("cpu", copy=True) for name, p in params.items()}
-        dtypes = {name: p.dtype for name, p in params.items()}
-        decoder.merge_adapter()
-        if options.precision == "bf16":
-            decoder.to(torch.bfloat16)
-    try:
-        yield decoder
-    finally:
+    with _restored(decoder):
         with torch.no_grad():
-            decoder.unmerge_adapter()  # resets peft's merged flags; the weights come from the backup
-            for name, p in decoder.named_parameters():
-                if p.dtype != dtypes[name]:
-                    p.data = p.data.to(dtypes[name])
-                p.copy_(backup[name])
+            decoder.merge_adapter()
+            if options.precision == "bf16":
+                decoder.to(torch.bfloat16)
+        try:
+            yield decoder
+        finally:
+            with torch.no_grad():
+                decoder.unmerge_adapter()  # resets peft's merged flags; the weights come from the backup
 
 
 @contextlib.contextmanager
 def _cast(decoder, dtype: torch.dtype):
     """The decoder's weights in ``dtype`` for a while, the very same bits put back afterwards."""
-    tensors = dict(decoder.named_parameters()) | dict(decoder.named_buffers())
-    with torch.no_grad():
-        backup = {name: t.detach().to("cpu", copy=True) for name, t in tensors.items()}
-        decoder.to(dtype)
-    try:
+    with _restored(decoder):
+        with torch.no_grad():
+            decoder.to(dtype)
         yield decoder
+
+
+@contextlib.contextmanager
+def _restored(decoder):
+    """Whatever happens to the decoder's weights and buffers inside (a merge, a cast), the very same bits
+    (and dtypes) come back afterwards, from a host copy, into the same parameters and buffers."""
+    def tensors():
+        return dict(decoder.named_parameters()) | dict(decoder.named_buffers())
+
+    with torch.no_grad():
+        backup = {name: t.detach().to("cpu", copy=True) for name, t in tensors().items()}
+    try:
+        yield
     finally:
         with torch.no_grad():
-            for name, t in (dict(decoder.named_parameters()) | dict(decoder.named_buffers())).items():
-                t.data = backup[name].to(t.device)
+            for name, t in tensors().items():
+                if t.dtype != backup[name].dtype:
+                    t.data = t.data.to(backup[name].dtype)
+                t.copy_(backup[name])
 
 
 def _until_eos(ids: list[int], eos: int) -> list[int]:

@@ -122,8 +122,22 @@ def run_submission(archive: Path, track: TrackSpec, opts: RunOptions, *, echo: E
     return _run_solo(_prepare(Path(archive), track, train_track, opts, echo), echo)
 
 
-def _run_solo(prep: _Prepared, echo: Echo) -> RunOutcome:
-    """Train the submission's decoder alone, then generate and score."""
+def prepare_submission(archive: Path, track: TrackSpec, opts: RunOptions, *, echo: Echo = print,
+                       train_track: TrackSpec | None = None) -> Path:
+    """Check ``archive`` and store its features for ``track`` (a campaign's first stage); returns its folder.
+
+    The later stages (`run_submissions` with ``score`` off, then `run_submission`) find the probe, the
+    spot check and the features recorded and start the encoder no more.
+
+    Raises:
+        SubmissionError, DataError, ModelError: as `run_submission`.
+    """
+    train_track = _checked_tracks(track, train_track, opts)
+    return _prepare(Path(archive), track, train_track, opts, echo).sub_dir
+
+
+def _run_solo(prep: _Prepared, echo: Echo, *, score: bool = True) -> RunOutcome | None:
+    """Train the submission's decoder alone, then (unless ``score`` is off) generate and score."""
     from evaluator.generation import Generator
     from evaluator.model import build_model
     from evaluator.training import train
@@ -134,6 +148,8 @@ def _run_solo(prep: _Prepared, echo: Echo) -> RunOutcome:
     model = build_model(plan.model_cfg, seed=plan.train_cfg.seed)
     result = train(model, plan.datasets, plan.probs, plan.train_cfg, plan.train_dir, progress=opts.progress)
     prep.stages.report_training(plan, result)
+    if not score:
+        return None
     options = prep.stages.decoding_options()
     with _OnFirstUse(lambda: Generator(model, options)) as generator:  # one merge of LoRA per run
         return _finish(prep, lambda task, dataset: generator.get().generate(dataset, progress=opts.progress), model)
@@ -149,7 +165,8 @@ class BatchOutcome:
 
 
 def run_submissions(archives: list[Path], track: TrackSpec, opts: RunOptions, *, pack: int | None = None,
-                    echo: Echo = print, train_track: TrackSpec | None = None) -> list[BatchOutcome]:
+                    echo: Echo = print, train_track: TrackSpec | None = None,
+                    score: bool = True) -> list[BatchOutcome]:
     """Evaluate several submissions on ``track``, training (and decoding with) their decoders in packs.
 
     Each submission is checked and its features extracted in turn; then the decoders that can share the
@@ -158,7 +175,8 @@ def run_submissions(archives: list[Path], track: TrackSpec, opts: RunOptions, *,
     sets together. Folders, keys and
     results are those of separate `run_submission` calls: either reuses the other's finished work. A
     submission that fails (invalid, a broken encoder, bad data, a non-finite loss) is reported; the
-    others go on.
+    others go on. With ``score`` off it stops after training (a campaign's train stage): the outcomes
+    of the trained submissions are then empty.
     """
     train_track = _checked_tracks(track, train_track, opts)
     done: dict[int, BatchOutcome] = {}
@@ -183,7 +201,7 @@ def run_submissions(archives: list[Path], track: TrackSpec, opts: RunOptions, *,
         groups.setdefault(prep.plan.pack_key, []).append((i, prep))
     for members in groups.values():
         try:
-            _run_group(members, pack, train_track, opts, echo, done)
+            _run_group(members, pack, train_track, opts, echo, done, score)
         except XaresError as e:  # the shared decoder itself: every member not finished yet fails
             for i, prep in members:
                 done.setdefault(i, BatchOutcome(prep.archive, error=e))
@@ -196,7 +214,7 @@ def run_submissions(archives: list[Path], track: TrackSpec, opts: RunOptions, *,
 
 
 def _run_group(members: list[tuple[int, _Prepared]], pack: int | None, train_track: TrackSpec, opts: RunOptions,
-               echo: Echo, done: dict[int, BatchOutcome]) -> None:
+               echo: Echo, done: dict[int, BatchOutcome], score: bool) -> None:
     """The submissions that can share one decoder: sized (--pack auto) and trained over one loaded pack."""
     from evaluator.pack import DecoderPack
 
@@ -205,13 +223,13 @@ def _run_group(members: list[tuple[int, _Prepared]], pack: int | None, train_tra
         if size == 1:  # one at a time: each exactly as `run_submission` alone
             for i, prep in members:
                 try:
-                    done[i] = BatchOutcome(prep.archive, outcome=_run_solo(prep, echo))
+                    done[i] = BatchOutcome(prep.archive, outcome=_run_solo(prep, echo, score=score))
                 except XaresError as e:
                     done[i] = BatchOutcome(prep.archive, error=e)
                     echo(f"  - {prep.label}: FAILED: {first_line(e)}")
             return
         for start in range(0, len(members), size):
-            done.update(_run_pack(members[start : start + size], shared.get(), train_track, opts, echo))
+            done.update(_run_pack(members[start : start + size], shared.get(), train_track, opts, echo, score))
 
 
 @contextlib.contextmanager
@@ -223,7 +241,7 @@ def _closing(pack):
 
 
 def _run_pack(chunk: list[tuple[int, _Prepared]], pack, train_track: TrackSpec, opts: RunOptions,
-              echo: Echo) -> dict[int, BatchOutcome]:
+              echo: Echo, score: bool = True) -> dict[int, BatchOutcome]:
     """Train the chunk's decoders together over ``pack``'s decoder, then decode and score them."""
     from evaluator.generation import PackedGenerator
     from evaluator.training import PackedJob, train_packed
@@ -246,6 +264,8 @@ def _run_pack(chunk: list[tuple[int, _Prepared]], pack, train_track: TrackSpec, 
             continue
         prep.stages.report_training(prep.plan, result.result, prefix=f"{prep.label}: ")
         live.append((i, prep))
+    if not score:
+        return {**outcomes, **{i: BatchOutcome(prep.archive) for i, prep in live}}
     if not live:
         return outcomes
     options = chunk[0][1].stages.decoding_options()
@@ -402,12 +422,7 @@ def _prepare(archive: Path, track: TrackSpec, train_track: TrackSpec, opts: RunO
         sub_dir = Path(opts.out) / f"{manifest.name}-{sub_sha[:12]}"
         limits = Limits(memory_mb=opts.memory_mb or manifest.resources.memory_mb, gpu=opts.gpu)
         with _OnFirstUse(lambda: open_runtime(root, manifest, limits)) as sandbox:
-            probe = run_probe(sandbox.get(), manifest, ProbeConfig(time_budget=opts.time_budget))
-            if not probe.ok:
-                raise SubmissionError(f"{archive.name} fails {len(probe.reasons)} probe check(s)",
-                                      reasons=probe.reasons)
-            echo(f"  - probe: {len(probe.checks)} checks passed on {sandbox.get().device} "
-                 f"({sandbox.get().isolation})")
+            probe = _probe(archive, sandbox, manifest, sub_sha, sub_dir, limits, opts, echo)
             if probe.batching != "padded":
                 echo(f"  - padding changes this encoder's frames ({probe.padding_cause}): clips are encoded "
                      + ("in batches of equal length" if probe.batching == "equal_length" else "one at a time"))
@@ -416,10 +431,30 @@ def _prepare(archive: Path, track: TrackSpec, train_track: TrackSpec, opts: RunO
                 echo(f"  - {track.name} is scored with the decoder of track {train_track.name}, trained on its data")
             train_stores = stages.extract_split(train_track.train_tasks, "train", required=True)
             eval_stores = stages.extract_split(track.eval_tasks, "test", required=False)
-            stages.spot_check(track.eval_tasks, eval_stores)
+            stages.spot_check(track.eval_tasks, eval_stores, sub_dir)
     plan = stages.plan_training(train_track, train_stores, sub_dir)
     return _Prepared(archive, manifest, sub_sha, sub_dir, probe, stages, track, train_track, eval_stores, described,
                      plan)
+
+
+def _probe(archive: Path, sandbox: _OnFirstUse, manifest: Manifest, sub_sha: str, sub_dir: Path, limits: Limits,
+           opts: RunOptions, echo: Echo) -> ProbeReport:
+    """The probe's report: run now, or the one this submission passed before under the same settings
+    (recorded in its folder, so the later stages of a campaign never start the encoder for it)."""
+    config = ProbeConfig(time_budget=opts.time_budget)
+    key = _digest({"format": RUN_FORMAT, "submission": sub_sha, "probe": asdict(config), "limits": asdict(limits)})
+    path = sub_dir / f"probe-{key[:12]}.json"
+    with contextlib.suppress(FileNotFoundError, ValueError, KeyError, TypeError):
+        probe = ProbeReport.from_dict(json.loads(path.read_text()))
+        if probe.ok:
+            echo(f"  - probe: {len(probe.checks)} checks passed before ({path.name})")
+            return probe
+    probe = run_probe(sandbox.get(), manifest, config)
+    if not probe.ok:
+        raise SubmissionError(f"{archive.name} fails {len(probe.reasons)} probe check(s)", reasons=probe.reasons)
+    echo(f"  - probe: {len(probe.checks)} checks passed on {sandbox.get().device} ({sandbox.get().isolation})")
+    _write_json(path, probe.to_dict())
+    return probe
 
 
 def _finish(prep: _Prepared, predict: Predict, codec) -> RunOutcome:
@@ -561,10 +596,16 @@ class _Stages:
             logger.warning("%s/%s: %s", task.id, split, line.strip())
         return store
 
-    def spot_check(self, tasks: tuple[TaskSpec, ...], stores: dict[str, FeatureStore]) -> None:
-        """Re-extract a seeded sample of one eval task and compare it with the stored features."""
+    def spot_check(self, tasks: tuple[TaskSpec, ...], stores: dict[str, FeatureStore], sub_dir: Path) -> None:
+        """Re-extract a seeded sample of one eval task and compare it with the stored features (once per
+        set of stores: a passed check is recorded in the submission's folder)."""
         candidates = [t for t in tasks if t.id in stores and stores[t.id].entries]
         if self.opts.spot_check <= 0 or not candidates:
+            return
+        key = _digest({"share": self.opts.spot_check, "stores": sorted(s.path.name for s in stores.values())})
+        record = sub_dir / f"spot-check-{key[:12]}.json"
+        if record.exists():
+            self.echo(f"  - spot check passed before ({record.name})")
             return
         rng = random.Random(f"{self.sub_sha}:{len(candidates)}")
         task = rng.choice(candidates)
@@ -575,6 +616,7 @@ class _Stages:
         report = spot_check(self.sandbox.get(), clips, store, self.manifest, config=self.extraction)
         self.echo(f"  - spot check on {task.id}: {len(report.checked)} clips re-extracted, "
                   f"max |diff| {report.max_abs_diff:.3g}: ok")
+        _write_json(record, {"task": task.id, "checked": list(report.checked), "max_abs_diff": report.max_abs_diff})
 
     # ---- decoder ---------------------------------------------------------------------------------
     def decoder_name(self, track: TrackSpec) -> str:

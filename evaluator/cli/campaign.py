@@ -14,11 +14,15 @@ from evaluator.errors import ConfigError
     epilog="""\b
 Examples:
   xares-eval campaign subs/*.tar --tracks A,A-hidden,B,B-hidden --out camp/ --pack auto
+  xares-eval campaign subs/*.tar --out camp/ --jobs 2
+  xares-eval campaign subs/*.tar --out /shared/camp/ --ray auto
   xares-eval campaign status camp/
 
 \b
-Everything lands in OUT: runs/ (the same hash-keyed folders as `xares-eval run`), campaign.json (one
-record per submission and track), leaderboard.md/.tsv/.html. Rerunning the command skips what is done.""",
+The campaign is a graph of jobs: extract/<track>/<sub>, train/<decoder track>/<subs>, score/<track>/<sub>.
+Everything lands in OUT: runs/ (the same hash-keyed folders as `xares-eval run`), logs/ (one log per job),
+campaign.json (one record per job), leaderboard.md/.tsv/.html. Rerunning the command skips what is done.
+With --ray, OUT, the submissions, --data-home and the decoder must be on a filesystem every node sees.""",
 )
 @click.argument("submissions", nargs=-1, required=True)
 @click.option("--tracks", default="A,A-hidden,B,B-hidden", show_default=True,
@@ -27,6 +31,15 @@ record per submission and track), leaderboard.md/.tsv/.html. Rerunning the comma
               show_default=True, help="The campaign folder.")
 @click.option("--pack", default="1", show_default=True, metavar="auto|K",
               help="Decoders trained together per pack (see `xares-eval run --pack`).")
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Jobs at once on this machine, each in its own worker process (1: in this process).")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="Run the jobs as Ray tasks: on the cluster at ADDRESS (auto, host:port) or, without one, a "
+                   "Ray instance started here. Needs pip install 'xares-eval[cluster]'.")
+@click.option("--gpu-share", type=click.FloatRange(min=0, max=1, min_open=True), default=0.25, show_default=True,
+              help="With --ray on GPU nodes: GPUs each train and score job asks for (0.25: four share a GPU).")
+@click.option("--retries", type=click.IntRange(min=0), default=3, show_default=True,
+              help="With --ray: reruns of a job whose worker or node was lost.")
 @click.option("--decoder", default=None, metavar="NAME|PATH", help="Decoder [default: the track's].")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Training steps [default: the track's].")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
@@ -36,14 +49,17 @@ record per submission and track), leaderboard.md/.tsv/.html. Rerunning the comma
 @click.option("--offline", is_flag=True, help="Never download shards.")
 @click.option("--limit-clips", type=click.IntRange(min=1), default=None, help="At most N clips per task split (smoke runs).")
 @click.option("--threads", type=click.IntRange(min=1), default=None)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=150, show_default=True,
+              help="Longest answer generated (150: the protocol's; smaller for smoke runs).")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=500, show_default=True,
               help="Training steps between checkpoints (a killed campaign resumes from the last one).")
 @click.option("--machine", default=None, help="Machine name written into results.json [default: host name].")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def campaign(submissions: tuple[str, ...], tracks: str, out: Path, pack: str, decoder: str | None,
+def campaign(submissions: tuple[str, ...], tracks: str, out: Path, pack: str, jobs: int, ray_address: str | None,
+             gpu_share: float, retries: int, decoder: str | None,
              max_steps: int | None, precision: str, device: str, data_home: Path | None,
              hidden_config: Path | None, offline: bool, limit_clips: int | None, threads: int | None,
-             checkpoint_every: int, machine: str | None, quiet: bool) -> None:
+             max_new_tokens: int, checkpoint_every: int, machine: str | None, quiet: bool) -> None:
     """Evaluate SUBMISSIONS (submission.tar files) on every track of --tracks and write the leaderboard.
 
     `xares-eval campaign status DIR` prints the job table of a campaign folder, also while it runs.
@@ -56,10 +72,12 @@ def campaign(submissions: tuple[str, ...], tracks: str, out: Path, pack: str, de
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise ConfigError(f"no such submission file: {', '.join(missing)}")
+    if ray_address is not None and jobs != 1:
+        raise ConfigError("--jobs is for this machine; with --ray the cluster's resources decide what runs at once")
     from evaluator.cores import settle_openmp
 
     settle_openmp()
-    from evaluator.campaign import run_campaign, status_table
+    from evaluator.campaign import LocalExecutor, RayExecutor, StageResources, run_campaign, status_table
     from evaluator.cli.leaderboard import render_md
     from evaluator.cli.run import parse_pack
     from evaluator.runner import RunOptions, resolve_track
@@ -68,13 +86,18 @@ def campaign(submissions: tuple[str, ...], tracks: str, out: Path, pack: str, de
     names = [t.strip() for t in tracks.split(",") if t.strip()]
     specs = [resolve_track(n, data_home=data_home, hidden_config=hidden_config) for n in names]
     opts = RunOptions(decoder=decoder, max_steps=max_steps, precision=precision, device=device, data_home=data_home,
-                      hidden_config=hidden_config, download=not offline, limit_clips=limit_clips, threads=threads,
+                      hidden_config=hidden_config, download=not offline, limit_clips=limit_clips, threads=threads, max_new_tokens=max_new_tokens,
                       checkpoint_every=checkpoint_every, progress=not quiet and sys.stdout.isatty(), **({"machine": machine} if machine else {}))
-    records = run_campaign(paths, specs, out, opts, pack=size, echo=click.echo)
+    if ray_address is not None:
+        executor = RayExecutor(None if ray_address == "local" else ray_address,
+                               StageResources(gpu_share=gpu_share, retries=retries))
+    else:
+        executor = LocalExecutor(jobs=jobs)
+    records = run_campaign(paths, specs, out, opts, pack=size, executor=executor, echo=click.echo)
     click.echo("")
     click.echo(render_md(*status_table(records)))
     click.echo(f"Leaderboard: {out / 'leaderboard.md'} (also .tsv, .html)")
-    failed = [r for r in records if r.status != "done"]
+    failed = [r for r in records if r.status != "done" or r.failed]
     if failed:
         click.echo(f"error: {len(failed)} of {len(records)} jobs failed (see the table)", err=True)
         sys.exit(1)

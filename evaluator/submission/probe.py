@@ -107,6 +107,15 @@ class ProbeReport:
         d["ok"] = self.ok
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict) -> ProbeReport:
+        """The report `to_dict` wrote (a passed probe is recorded and not rerun for the same submission)."""
+        fields = {k: v for k, v in d.items() if k != "ok"}
+        fields["checks"] = tuple(Check(**c) for c in d["checks"])
+        fields["lengths_seconds"] = tuple(d["lengths_seconds"])
+        fields["frames"] = tuple(d["frames"])
+        return cls(**fields)
+
     def measured(self) -> dict:
         """The manifest's ``measured`` section (schema version 2)."""
         keys = ("fixed_frames", "feature_peak", "feature_dtype", "batching", "padding_max_rel_diff",

@@ -30,7 +30,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
 	$(PIP) torch==2.13.0
-	$(PIP) -e ".[dev,captions]"
+	$(PIP) -e ".[dev,captions,cluster]"
 	touch $@
 
 docker-ready: setup

@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import re
+import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -144,7 +145,7 @@ def run_stage(call: StageCall, *deps: StageResult) -> StageResult:
     from evaluator.runner import prepare_submission, run_submission, run_submissions
 
     job, t0 = call.job, time.monotonic()
-    where = f"{platform.node()}:{os.getpid()}"
+    where = _where()
     log = log_path(Path(call.out), job.id)
     log.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(log.with_suffix(".start.json"),
@@ -186,6 +187,16 @@ def run_stage(call: StageCall, *deps: StageResult) -> StageResult:
         except Exception as e:  # noqa: BLE001 - our own bug: recorded with its traceback, the others go on
             stream.write(traceback.format_exc())
             return result(False, f"{job.kind}: internal error ({type(e).__name__}: {first_line(e)}); see {log}")
+
+
+def _where() -> str:
+    """host:pid, and the Ray node when this is a Ray worker."""
+    where = f"{platform.node()}:{os.getpid()}"
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        with contextlib.suppress(Exception):  # not a worker: the driver's own context has no node to tell
+            where += f" node {ray.get_runtime_context().get_node_id()[:8]}"
+    return where
 
 
 def _blocked(submission: str, deps: Sequence[StageResult]) -> str | None:
@@ -302,6 +313,8 @@ class RayExecutor:
             raise ConfigError(f"cannot reach the Ray cluster {self.address or '(local)'}: {first_line(e)}") from None
         try:
             gpus = ray.cluster_resources().get("GPU", 0.0)
+            _check_fits([n["Resources"] for n in ray.nodes() if n.get("Alive")],
+                        {c.job.kind: self.resources.options(c.job, gpus, c.opts) for c in calls})
             stage = ray.remote(run_stage)
             refs: dict[str, object] = {}
             jobs = {call.job.id: call.job for call in calls}
@@ -323,6 +336,17 @@ class RayExecutor:
                 done(result)
         finally:
             ray.shutdown()
+
+
+def _check_fits(nodes: list[dict], asks: dict[str, dict]) -> None:
+    """Fail now, not never: Ray keeps a task no node can hold waiting forever."""
+    names = {"num_cpus": "CPU", "num_gpus": "GPU", "memory": "memory"}
+    for kind, options in asks.items():
+        want = {names[k]: v for k, v in options.items() if k in names and v}
+        if not any(all(node.get(r, 0) >= v for r, v in want.items()) for node in nodes):
+            asked = ", ".join(f"{v / 2**30:.1f} GiB memory" if r == "memory" else f"{v:g} {r}" for r, v in want.items())
+            raise ConfigError(f"no node of the Ray cluster can run a {kind} job ({asked}): start nodes with more "
+                              "resources, or lower them (--gpu-share)")
 
 
 # ---- the campaign's state ------------------------------------------------------------------------

@@ -4,6 +4,7 @@ killed with SIGKILL and rerun; the status table read from the state file while a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -193,9 +194,11 @@ def test_a_campaign_killed_mid_training_resumes_to_the_same_results(world, refer
     out = tmp_path / "killed"
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     cli = campaign_cli(root, out, *options)
-    proc = subprocess.Popen(cli, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    assert kill_when_training(out, proc, "train__") == proc.pid
-    proc.wait()
+    with subprocess.Popen(cli, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:
+        try:
+            assert kill_when_training(out, proc, "train__") == proc.pid
+        finally:
+            proc.kill()
     status = CliRunner().invoke(eval_cli, ["campaign", "status", str(out)])
     assert "interrupted" in status.output, status.output
     rerun = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=600)
@@ -211,12 +214,152 @@ def test_worker_processes_give_the_same_results(world, reference, tmp_path):
     ref_out, options = reference
     out = tmp_path / "jobs2"
     cli = campaign_cli(root, out, *options, "--jobs", "2")
-    proc = subprocess.Popen(cli, env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    killed = kill_when_training(out, proc, "train__")
-    assert killed != proc.pid  # a worker, not the campaign
-    output, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, output
+    with subprocess.Popen(cli, env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True) as proc:
+        try:
+            killed = kill_when_training(out, proc, "train__")
+            output, _ = proc.communicate(timeout=600)
+        finally:
+            proc.kill()
+    assert killed != proc.pid and proc.returncode == 0, output  # a worker was killed, not the campaign
     assert scores(out) == scores(ref_out)
     wheres = {j["where"].split(":")[1] for j in jobs_of(out).values()}
     assert str(proc.pid) not in wheres and len(wheres) >= 2  # the jobs ran in worker processes
+
+
+# ---- Ray ----------------------------------------------------------------------------------------
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def need_ray() -> None:
+    """Ray (the [cluster] extra), or a skip: a failure under CI, which must run these."""
+    if shutil.which("ray", path=os.path.dirname(sys.executable)) is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must run the Ray tests: install the [cluster] extra")
+        pytest.skip("Ray is not installed: pip install 'xares-eval[cluster]'")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A real two-node Ray cluster on this machine: `ray start --head` and a second `ray start --address`,
+    one CPU each, in their own process groups (torn down with them; other Ray instances are left alone)."""
+    import tempfile
+
+    need_ray()
+    ray = os.path.join(os.path.dirname(sys.executable), "ray")
+    port = _free_port()
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", OMP_WAIT_POLICY="PASSIVE")
+    node = ["--block", "--num-cpus=1", f"--memory={12 * 2**30}", "--object-store-memory=80000000"]
+    procs = [subprocess.Popen([ray, "start", "--head", f"--port={port}", "--include-dashboard=false",
+                               f"--temp-dir={temp}", "--disable-usage-stats", *node], env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    address = f"127.0.0.1:{port}"
+    check = [sys.executable, "-c", f"import ray; ray.init(address={address!r}, log_to_driver=False); "
+             "print(sum(n['Alive'] for n in ray.nodes()))"]
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if len(procs) == 1 and subprocess.run(check, env=env, capture_output=True, timeout=60).returncode == 0:
+                procs.append(subprocess.Popen([ray, "start", f"--address={address}", *node], env=env,
+                                              start_new_session=True, stdout=subprocess.DEVNULL,
+                                              stderr=subprocess.DEVNULL))
+            if len(procs) == 2:
+                alive = subprocess.run(check, env=env, capture_output=True, text=True, timeout=60).stdout.strip()
+                if alive.endswith("2"):
+                    break
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "the Ray cluster did not start"
+            time.sleep(1)
+        yield address
+    finally:
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_a_ray_campaign_survives_a_killed_worker_and_equals_the_local_one(world, reference, ray_cluster, tmp_path):
+    """Two demo submissions on demo-a and demo-b as Ray tasks over two nodes; the worker running a training
+    job is SIGKILLed mid-run, Ray reruns the job, which resumes from its checkpoint; every score equals
+    the local executor's; a second run of the command does no work."""
+    root, _ = world
+    ref_out, options = reference
+    out = tmp_path / "ray"
+    cli = campaign_cli(root, out, *options, "--ray", ray_cluster)
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    with subprocess.Popen(cli, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        try:
+            killed = kill_when_training(out, proc, "train__")
+            output, _ = proc.communicate(timeout=600)
+        finally:
+            proc.kill()
+    assert killed != proc.pid and proc.returncode == 0, output
+    assert scores(out) == scores(ref_out)
+    jobs = jobs_of(out)
+    nodes = {j["where"].split(" node ")[1] for j in jobs.values()}
+    assert len(nodes) == 2, jobs  # both nodes ran jobs
+    retried = [j for j in jobs.values() if j["kind"] == "train" and str(killed) not in j["where"]]
+    logs = "".join(p.read_text() for p in (out / "logs").glob("train__*.log"))
+    assert "resumed from step" in logs and retried  # the killed job ran again, elsewhere, from its checkpoint
+    starts = {p: p.stat().st_mtime_ns for p in (out / "logs").glob("*.start.json")}
+    again = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "every one of the 12 jobs is done" in again.stdout, again.stdout + again.stderr
+    assert {p: p.stat().st_mtime_ns for p in (out / "logs").glob("*.start.json")} == starts
+    status = CliRunner().invoke(eval_cli, ["campaign", "status", str(out)])
+    assert "12 done" in status.output and " node " in status.output
+
+
+def test_the_graph_puts_b_hidden_after_track_b_and_packs_decoders():
+    from types import SimpleNamespace as Track
+
+    from evaluator.campaign import plan_jobs
+
+    tracks = [Track(name="B-hidden", decoder_track="B"), Track(name="A", decoder_track="A"),
+              Track(name="B", decoder_track="B")]
+    jobs = {j.id: j for j in plan_jobs(["x.tar", "y.tar", "z.tar"], tracks, pack=2)}
+    # one decoder per submission and decoder track, in packs of two: B-hidden has none of its own
+    assert sorted(j for j in jobs if j.startswith("train/")) == [
+        "train/A/x.tar+y.tar", "train/A/z.tar", "train/B/x.tar+y.tar", "train/B/z.tar"]
+    assert jobs["score/B-hidden/z.tar"].deps == ("extract/B-hidden/z.tar", "train/B/z.tar")
+    assert jobs["train/B/x.tar+y.tar"].deps == ("extract/B/x.tar", "extract/B/y.tar")
+    order = list(jobs)
+    assert all(order.index(d) < order.index(j) for j in jobs for d in jobs[j].deps)
+    # B-hidden alone: Track B's decoder is trained on the features its extraction stores
+    alone = {j.id: j for j in plan_jobs(["x.tar"], [Track(name="B-hidden", decoder_track="B")], pack=None)}
+    assert alone["train/B/x.tar"].via == "B-hidden" and alone["train/B/x.tar"].deps == ("extract/B-hidden/x.tar",)
+
+
+def test_ray_asks_no_node_can_hold_fail_at_once():
+    from evaluator.campaign import Job, StageResources, _check_fits
+    from evaluator.errors import ConfigError
+    from evaluator.runner import RunOptions
+
+    resources, opts = StageResources(), RunOptions(device="cuda")
+    train = Job("train/A/x.tar", "train", "A", ("x.tar",))
+    small = {"CPU": 4.0, "memory": 6 * 2**30}
+    with pytest.raises(ConfigError, match="no node of the Ray cluster can run a train job .*8.0 GiB memory"):
+        _check_fits([small], {"train": resources.options(train, 0.0, opts)})
+    _check_fits([small, {"CPU": 1.0, "memory": 9 * 2**30}], {"train": resources.options(train, 0.0, opts)})
+    with pytest.raises(ConfigError, match="0.25 GPU"):  # the cluster has GPUs, but not on a node with the memory
+        _check_fits([{"CPU": 8.0, "memory": 64 * 2**30}, {"GPU": 1.0, "CPU": 8.0, "memory": 2**30}],
+                    {"train": resources.options(train, 1.0, opts)})
+
+
+def test_a_local_ray_instance_runs_a_campaign(world, tmp_path):
+    """--ray with no address: a Ray instance started on this machine for the campaign."""
+    need_ray()
+    root, data_home = world
+    out = tmp_path / "local-ray"
+    result = CliRunner().invoke(eval_cli, ["campaign", str(root / "mel40.tar"), "--tracks", "demo-a", "--out", str(out),
+                                           "--max-steps", "4", "--ray", *common(root, data_home)])
+    assert result.exit_code == 0, result.output
+    assert "a local Ray instance" in result.output
+    jobs = jobs_of(out)
+    assert {j["status"] for j in jobs.values()} == {"done"} and all(" node " in j["where"] for j in jobs.values())
+    assert scores(out)["score/demo-a/mel40.tar"]

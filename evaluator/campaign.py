@@ -321,6 +321,9 @@ class RayExecutor:
             for call in calls:
                 args = [refs.get(d, finished.get(d)) for d in call.job.deps]
                 options = self.resources.options(call.job, gpus, call.opts)
+                if call.opts.threads is None:  # the CPUs it asked for, not the node's: jobs share the node's cores
+                    call = dataclasses.replace(call, opts=dataclasses.replace(
+                        call.opts, threads=max(1, int(options["num_cpus"]))))
                 refs[call.job.id] = stage.options(**options).remote(call, *args)
             pending = {ref: job_id for job_id, ref in refs.items()}
             while pending:
@@ -504,6 +507,7 @@ def run_campaign(submissions: Sequence[Path], tracks: Sequence, out: Path, opts,
                                       if k not in ("progress", "machine", "threads")}))
     jobs = plan_jobs(names, tracks, pack)
     campaign = Campaign(out)
+    stage_opts = dataclasses.replace(opts, progress=False)  # a job's lines go to its log; the bar is the campaign's
     archives = {Path(s).name: str(Path(s).resolve()) for s in submissions}
     todo = campaign.plan(jobs, settings, {name: _fingerprint(Path(path)) for name, path in archives.items()})
     by_name = {t.name: t for t in tracks}
@@ -512,7 +516,7 @@ def run_campaign(submissions: Sequence[Path], tracks: Sequence, out: Path, opts,
         needed = {job.via or job.track}
         needed.add(by_name[job.via or job.track].decoder_track)
         specs = {n: by_name[n] for n in needed if n in by_name}
-        calls.append(StageCall(job, tuple(archives[s] for s in job.submissions), opts, pack, str(out), specs))
+        calls.append(StageCall(job, tuple(archives[s] for s in job.submissions), stage_opts, pack, str(out), specs))
     if not todo:
         echo(f"every one of the {len(jobs)} jobs is done")
     else:

@@ -363,3 +363,22 @@ def test_a_local_ray_instance_runs_a_campaign(world, tmp_path):
     jobs = jobs_of(out)
     assert {j["status"] for j in jobs.values()} == {"done"} and all(" node " in j["where"] for j in jobs.values())
     assert scores(out)["score/demo-a/mel40.tar"]
+
+
+def test_the_progress_display_reports_every_job(world, tmp_path, capsys):
+    """With progress on (a terminal), the campaign's bar runs and each finished job is one line under it;
+    the jobs themselves run without bars of their own (theirs would clash with the campaign's)."""
+    from evaluator.campaign import run_campaign
+    from evaluator.data import get_track
+    from evaluator.runner import RunOptions
+
+    root, data_home = world
+    track = get_track("demo-a", data_home=data_home)
+    opts = RunOptions(decoder=str(root / "decoder"), data_home=data_home, download=False, progress=True, max_steps=2)
+    lines: list[str] = []
+    records = run_campaign([root / "broken.tar"], [track], tmp_path / "camp", opts, pack=1, echo=lines.append)
+    assert {r.status for r in records} == {"failed"}
+    shown = capsys.readouterr().out
+    for job in ("extract/demo-a/broken.tar", "train/demo-a/broken.tar", "score/demo-a/broken.tar"):
+        assert f"FAILED {job}" in shown
+    assert lines[0].startswith("3 of 3 jobs to run (in this process)")

@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import re
+import socket
 import sys
 import time
 import traceback
@@ -304,6 +305,7 @@ class RayExecutor:
             raise ConfigError("--ray needs Ray: pip install 'xares-eval[cluster]'") from None
         from ray.exceptions import RayError
 
+        _check_reachable(self.address)
         try:
             if self.address:
                 ray.init(address=self.address, log_to_driver=False, configure_logging=False)
@@ -339,6 +341,24 @@ class RayExecutor:
                 done(result)
         finally:
             ray.shutdown()
+
+
+def _check_reachable(address: str | None, timeout: float = 10.0) -> None:
+    """Fail in seconds on a cluster that is not there: Ray's own client retries for minutes."""
+    if address == "auto":  # where Ray itself looks: $RAY_ADDRESS, then the last cluster started on this machine
+        address = os.environ.get("RAY_ADDRESS")
+        with contextlib.suppress(OSError):
+            address = address or Path("/tmp/ray/ray_current_cluster").read_text().strip()
+        if not address:
+            raise ConfigError("--ray auto: no Ray cluster on this machine (start one with `ray start --head`, or "
+                              "give its address)")
+    if not address or "://" in address:  # a local instance, or Ray Client: Ray checks those itself
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot reach the Ray cluster at {address}: {first_line(e)}") from None
 
 
 def _check_fits(nodes: list[dict], asks: dict[str, dict]) -> None:

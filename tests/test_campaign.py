@@ -236,6 +236,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# Ray's own default for a new local instance is token authentication, with a token written to ~/.ray,
+# which clusters started later then expect from every client: the tests' instances leave ~/.ray alone.
+RAY_ENV = {"RAY_AUTH_MODE": "disabled"}
+
+
 def need_ray() -> None:
     """Ray (the [cluster] extra), or a skip: a failure under CI, which must run these."""
     if shutil.which("ray", path=os.path.dirname(sys.executable)) is None:
@@ -254,7 +259,7 @@ def ray_cluster():
     ray = os.path.join(os.path.dirname(sys.executable), "ray")
     port = _free_port()
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", OMP_WAIT_POLICY="PASSIVE")
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", OMP_WAIT_POLICY="PASSIVE", **RAY_ENV)
     node = ["--block", "--num-cpus=1", f"--memory={12 * 2**30}", "--object-store-memory=80000000"]
     procs = [subprocess.Popen([ray, "start", "--head", f"--port={port}", "--include-dashboard=false",
                                f"--temp-dir={temp}", "--disable-usage-stats", *node], env=env, start_new_session=True,
@@ -292,7 +297,7 @@ def test_a_ray_campaign_survives_a_killed_worker_and_equals_the_local_one(world,
     ref_out, options = reference
     out = tmp_path / "ray"
     cli = campaign_cli(root, out, *options, "--ray", ray_cluster)
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", **RAY_ENV)
     with subprocess.Popen(cli, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
         try:
             killed = kill_when_training(out, proc, "train__")
@@ -351,9 +356,11 @@ def test_ray_asks_no_node_can_hold_fail_at_once():
                     {"train": resources.options(train, 1.0, opts)})
 
 
-def test_a_local_ray_instance_runs_a_campaign(world, tmp_path):
+def test_a_local_ray_instance_runs_a_campaign(world, tmp_path, monkeypatch):
     """--ray with no address: a Ray instance started on this machine for the campaign."""
     need_ray()
+    for key, value in RAY_ENV.items():
+        monkeypatch.setenv(key, value)
     root, data_home = world
     out = tmp_path / "local-ray"
     result = CliRunner().invoke(eval_cli, ["campaign", str(root / "mel40.tar"), "--tracks", "demo-a", "--out", str(out),
@@ -382,3 +389,15 @@ def test_the_progress_display_reports_every_job(world, tmp_path, capsys):
     for job in ("extract/demo-a/broken.tar", "train/demo-a/broken.tar", "score/demo-a/broken.tar"):
         assert f"FAILED {job}" in shown
     assert lines[0].startswith("3 of 3 jobs to run (in this process)")
+
+
+@pytest.mark.parametrize("address, reason", [
+    ("127.0.0.1:1", "cannot reach the Ray cluster at 127.0.0.1:1"),
+    ("127.0.0.1:port", "cannot reach the Ray cluster at 127.0.0.1:port"),
+])
+def test_a_ray_cluster_that_is_not_there_fails_in_seconds(world, tmp_path, address, reason):
+    need_ray()
+    root, data_home = world
+    result = CliRunner().invoke(eval_cli, ["campaign", str(root / "mel40.tar"), "--tracks", "demo-a", "--out",
+                                           str(tmp_path / "camp"), "--ray", address, *common(root, data_home)])
+    assert result.exit_code == 2 and reason in result.output and "Traceback" not in result.output, result.output

@@ -35,10 +35,11 @@ ANSWERS = {"A": 263_000, "A-hidden": 6_000, "B": 14_000, "B-hidden": 8_000}
 AUDIO_HOURS = {"A": 1_000, "A-hidden": 60, "B": 350, "B-hidden": 40}  # train split of its decoder track + test
 LONG = {"B", "B-hidden"}  # answers of up to 150 tokens (transcripts, captions), not labels
 
+# "pack": K -> the job-steps/s of K jobs packed on one device over the steps/s of one job alone there
 PROFILES = {
     # measured on this project's CPU machine (2 vCPUs, docs/benchmarks.md issue 8 and 3): one "device" = the machine
     "cpu": {"source": "measured, 2-vCPU Xeon (docs/benchmarks.md, issues 3, 8, 12)",
-            "train_steps_per_s": 0.413, "pack": {"1": 1.0, "2": 2 * 1.06},
+            "train_steps_per_s": 0.413, "pack": {"1": 1.0, "2": 1.06},
             "answers_per_s": 0.968, "long_answers_per_s": 0.968, "extract_audio_s_per_s": 480.0,
             "ref_train_steps_per_s": 0.268, "ref_answers_per_s": 0.156, "ref_long_answers_per_s": 0.156},
     # what issues 8 and 12 ask of one H100/H200; NOT measured (no GPU was lent yet)
@@ -54,10 +55,10 @@ def from_gpu_check(path: Path) -> dict:
     doc = json.loads(path.read_text())
     runs = {r["precision"]: r for r in (doc.get("train_track_a") or {}).get("runs", [])}
     fp32 = runs.get("fp32") or next(iter(runs.values()))
-    pack = {"1": 1.0}  # K -> throughput of K packed jobs in solo jobs' worth (bench_pack.py's speed-up x K)
+    pack = {"1": 1.0}  # K -> K packed jobs' job-steps/s over one solo job's steps/s (bench_pack.py's speed-up)
     for row in ((doc.get("pack") or {}).get("runs") or []):
         if row.get("kind") == "pack" and row.get("precision") == "fp32" and row.get("speedup_vs_solo"):
-            pack[str(row["k"])] = row["speedup_vs_solo"] * row["k"]
+            pack[str(row["k"])] = row["speedup_vs_solo"]
     return {"source": f"measured: {path}", "train_steps_per_s": fp32["steps_per_s"], "pack": pack,
             "answers_per_s": fp32["answers_per_s"], "long_answers_per_s": None, "extract_audio_s_per_s": None,
             "ref_train_steps_per_s": None, "ref_answers_per_s": None, "ref_long_answers_per_s": None}

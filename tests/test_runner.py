@@ -73,11 +73,17 @@ def test_rerun_reuses_everything_and_changed_steps_do_not(world, monkeypatch):
     def not_needed(self):
         raise AssertionError("every prediction is cached: the generation engine must not be opened")
 
+    def no_encoder(*args):
+        raise AssertionError("the probe and the spot check passed before: the encoder must not be started")
+
     with monkeypatch.context() as m:
         m.setattr(Generator, "__enter__", not_needed)
+        m.setattr("evaluator.runner.open_runtime", no_encoder)
         again = run_submission(root / "submission.tar", track, _opts(root, data_home), echo=lines.append)
     assert again.run_dir == first.run_dir
     assert again.document["tasks"] == first.document["tasks"]
+    assert any("checks passed before" in line for line in lines)
+    assert any("spot check passed before" in line for line in lines)
     assert sum("0 encoder calls" in line for line in lines) == 2 * len(track.train_tasks)  # train + test stores
     assert any("reused the finished checkpoint" in line for line in lines)
 

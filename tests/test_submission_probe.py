@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import replace
 
@@ -13,7 +14,7 @@ from evaluator.errors import SandboxError, SandboxTimeout, SubmissionError
 from evaluator.sandbox import Limits, open_runtime
 from evaluator.sandbox.base import TimeBudget
 from evaluator.submission.manifest import Manifest
-from evaluator.submission.probe import ProbeConfig, probe_lengths, run_probe
+from evaluator.submission.probe import ProbeConfig, ProbeReport, probe_lengths, run_probe
 
 FAST = ProbeConfig(max_seconds=3.0)  # same checks, shorter clips
 
@@ -187,6 +188,8 @@ class TestProbe:
             "memory",
         }
         assert report.to_dict()["ok"] is True
+        # what a run records in the submission's folder reads back as the same report (through JSON)
+        assert ProbeReport.from_dict(json.loads(json.dumps(report.to_dict()))) == report
         assert report.batching == "padded" and report.padding_cause is None
         assert report.fixed_frames is None and report.feature_dtype == "float16"
         assert 0 < report.feature_peak < 100

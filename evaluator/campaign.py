@@ -43,6 +43,7 @@ from evaluator.fileio import atomic_write_text
 
 STATE_FILE = "campaign.json"
 STATE_FORMAT = "xares-eval/campaign/2"
+OLDER_FORMATS = ("xares-eval/campaign/1",)  # one record per submission and track
 RUNS_DIR = "runs"
 LOGS_DIR = "logs"
 KINDS = ("extract", "train", "score")
@@ -243,8 +244,8 @@ class LocalExecutor:
                     for call in [c for c in waiting if all(d in finished for d in c.job.deps)][: self.jobs - len(running)]:
                         waiting.remove(call)
                         running[pool.submit(run_stage, call, *(finished[d] for d in call.job.deps))] = call
-                    if not running:
-                        break
+                    if not running:  # the calls come in graph order: something is always ready
+                        raise RuntimeError(f"no job can start: {[c.job.id for c in waiting]}")
                     ready, _ = wait(running, return_when=FIRST_COMPLETED)
                     broken = False
                     for future in ready:
@@ -404,7 +405,7 @@ class Campaign:
         self.records: dict[str, JobRecord] = {}
         self.settings: dict = {}
         self.driver: dict = {}
-        if self.path.exists():
+        if self.path.exists() and not _older(self.path):  # an older layout: planned afresh (the runs reuse their work)
             doc = _read(self.path)
             self.records = {r.id: r for r in doc[0]}
             self.settings, self.driver = doc[1], doc[2]
@@ -443,6 +444,12 @@ class Campaign:
         doc = {"format": STATE_FORMAT, "settings": self.settings, "driver": self.driver,
                "jobs": [dataclasses.asdict(r) for r in self.records.values()]}
         atomic_write_text(self.path, json.dumps(doc, indent=2) + "\n")
+
+
+def _older(path: Path) -> bool:
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        return json.loads(path.read_text()).get("format") in OLDER_FORMATS
+    return False
 
 
 def _read(path: Path) -> tuple[list[JobRecord], dict, dict]:

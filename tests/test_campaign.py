@@ -117,7 +117,8 @@ def test_a_campaign_runs_reports_and_resumes(world, tmp_path):
 
 
 def test_status_reads_running_interrupted_and_bad_state(world, tmp_path):
-    from evaluator.campaign import STATE_FILE, STATE_FORMAT, log_path
+    from evaluator.campaign import STATE_FILE, STATE_FORMAT, Campaign, log_path
+    from evaluator.errors import ConfigError
 
     out = tmp_path / "camp"
     out.mkdir()
@@ -145,6 +146,13 @@ def test_status_reads_running_interrupted_and_bad_state(world, tmp_path):
         (out / STATE_FILE).write_text(bad)
         status = CliRunner().invoke(eval_cli, ["campaign", "status", str(out)])
         assert status.exit_code == 2 and "not a campaign state file" in status.output
+        # the campaign itself stops on it too, rather than overwrite what it cannot read
+        with pytest.raises(ConfigError, match="not a campaign state file"):
+            Campaign(out)
+    # a state file of the older layout (one record per submission and track) is planned afresh
+    (out / STATE_FILE).write_text(json.dumps({"format": "xares-eval/campaign/1", "settings": {}, "jobs": [
+        {"submission": "a.tar", "track": "A", "status": "done"}]}))
+    assert Campaign(out).records == {}
     status = CliRunner().invoke(eval_cli, ["campaign", "status", str(tmp_path / "nothing")])
     assert status.exit_code == 2 and "not a campaign folder" in status.output
     missing = CliRunner().invoke(eval_cli, ["campaign", str(tmp_path / "absent.tar"), "--out", str(out)])

@@ -15,10 +15,10 @@ export TRANSFORMERS_OFFLINE ?= 1
 setup: system-deps $(VENV)/.installed
 
 # Debian tools the demo and tests use: espeak-ng + sox make the demo audio, docker + debootstrap the
-# offline base image, bubblewrap isolates the ONNX worker.
+# offline base image, bubblewrap isolates the ONNX worker, chromium loads the results site in the tests.
 system-deps:
 	@missing=""; \
-	for c in espeak-ng:espeak-ng sox:sox dockerd:docker.io debootstrap:debootstrap bwrap:bubblewrap; do \
+	for c in espeak-ng:espeak-ng sox:sox dockerd:docker.io debootstrap:debootstrap bwrap:bubblewrap chromium:chromium; do \
 	  command -v $${c%%:*} >/dev/null 2>&1 || missing="$$missing $${c#*:}"; \
 	done; \
 	if [ -n "$$missing" ]; then \

@@ -549,7 +549,7 @@ def run_campaign(submissions: Sequence[Path], tracks: Sequence, out: Path, opts,
     else:
         echo(f"{len(todo)} of {len(jobs)} jobs to run ({_describe(executor)}); logs in {out / LOGS_DIR}")
         finished = {r.id: r.result() for r in campaign.records.values() if r.status == "done"}
-        with _Display(len(todo), opts.progress, echo) as display:
+        with _Display(len(todo), opts.progress and sys.stdout.isatty(), echo) as display:
             def done(result: StageResult) -> None:
                 campaign.finish(result)
                 display.advance(result)
@@ -557,6 +557,11 @@ def run_campaign(submissions: Sequence[Path], tracks: Sequence, out: Path, opts,
             executor.run(calls, finished, done)
     records = list(campaign.records.values())
     write_leaderboard(out, records)
+    scored = [out / r.results for r in records if r.kind == "score" and r.status == "done"]
+    if scored:
+        from evaluator.report import build_site
+
+        echo(f"Site: {build_site(scored, out / 'site')}")
     return records
 
 

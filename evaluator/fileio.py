@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 BLOCK = 1 << 20  # bytes read at a time while hashing
@@ -56,14 +56,40 @@ class DigestCache:
         return entries if isinstance(entries, dict) else {}
 
 
-def atomic_write_text(path: Path, text: str, *, durable: bool = False) -> None:
+def open_temp_beside(path: Path, mode: int | None = None) -> tuple[int, str]:
+    """A new temp file in ``path``'s folder, for a write + rename: (fd, its path).
+
+    Unlike ``tempfile.mkstemp`` (always 0600) it gets the mode of any file the process creates,
+    0666 less the umask (0644 under the usual 022), so every output of a run has the same mode;
+    ``mode`` (0o600 for a private key) is set exactly instead.
+    """
+    path = Path(path)
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 if mode is None else mode)
+        except FileExistsError:
+            continue
+        if mode is not None:
+            try:
+                os.fchmod(fd, mode)  # the umask may have cleared bits the caller asked for
+            except BaseException:
+                os.close(fd)
+                tmp.unlink(missing_ok=True)
+                raise
+        return fd, str(tmp)
+    raise FileExistsError(f"no free temporary name beside {path}")
+
+
+def atomic_write_text(path: Path, text: str, *, durable: bool = False, mode: int | None = None) -> None:
     """Write ``text`` to ``path`` through a temp file + rename: readers see the old file or the new one.
 
     ``durable`` also fsyncs before the rename, for markers that must survive a power cut (store indexes).
+    ``mode``: the file's permission bits (0o600 for a secret); default 0666 less the umask, like ``open``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = open_temp_beside(path, mode)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)

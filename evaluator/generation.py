@@ -36,6 +36,7 @@ from evaluator.compute import COMPILE_MODES
 from evaluator.data.specs import choose_prompt, prompt_draw
 from evaluator.errors import ConfigError, DataError
 from evaluator.model import AudioLLM, Batch, pack_inputs
+from evaluator.progress import progress as progress_of
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +148,7 @@ class Generator:
         prompts = [model.prompt_ids(choose_prompt(dataset.prompt, dataset.sample_prompt(i),
                                                   draw=prompt_draw(dataset.key(i)))) for i in range(n)]
         buffer = self.batch_size * self.options.sort_batches
-        with _progress_bar(progress, n, dataset.task) as tick:
+        with progress_of(f"generating {dataset.task}", total=n, unit="answers", enabled=progress) as bar:
             for start in range(0, n, buffer):
                 idx = list(range(start, min(n, start + buffer)))
                 feats = {i: _features(model, dataset, i) for i in idx}
@@ -157,7 +158,7 @@ class Generator:
                     batch = Batch(features=[feats[i] for i in rows], prompt_ids=[prompts[i] for i in rows])
                     for i, ids in zip(rows, self._decode(batch)):
                         texts[i] = model.decode(ids)
-                    tick(len(rows))
+                    bar.advance(len(rows))
         return [Prediction(key=dataset.key(i), text=t) for i, t in enumerate(texts)]
 
     def _decode(self, batch: Batch) -> list[list[int]]:
@@ -266,7 +267,7 @@ class PackedGenerator(Generator):
         texts: dict[tuple[int, int], str] = {}
         buffer = self.batch_size * self.options.sort_batches
         label = next(ds.task for ds in datasets if ds is not None) if items else ""
-        with _progress_bar(progress, len(items), label) as tick:
+        with progress_of(f"generating {label}", total=len(items), unit="answers", enabled=progress) as bar:
             for start in range(0, len(items), buffer):
                 chunk = items[start : start + buffer]
                 feats = {(k, i): _features(self.jobs[k], datasets[k], i) for k, i in chunk}
@@ -275,7 +276,7 @@ class PackedGenerator(Generator):
                     rows = chunk[b : b + self.batch_size]
                     for ki, ids in zip(rows, self._decode_rows(rows, feats, prompts)):
                         texts[ki] = self.jobs[ki[0]].decode(ids)
-                    tick(len(rows))
+                    bar.advance(len(rows))
         return [None if ds is None else [Prediction(key=ds.key(i), text=texts[k, i]) for i in range(len(ds))]
                 for k, ds in enumerate(datasets)]
 
@@ -494,15 +495,4 @@ def _decode_static(decoder, cache, length: int, step, embeds, mask, positions, o
     return [_until_eos(row, eos) for row in tokens.tolist()]
 
 
-@contextlib.contextmanager
-def _progress_bar(enabled: bool, total: int, task: str):
-    if not enabled:
-        yield lambda k: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  transient=True) as bar:
-        t = bar.add_task(f"generating {task}", total=total)
-        yield lambda k: bar.advance(t, k)
 

@@ -358,7 +358,8 @@ def load_decoder(name_or_path: str, dtype: str = "float32"):
         (decoder, tokenizer); the tokenizer's pad token falls back to EOS, as in XARES-LLM.
 
     Raises:
-        ModelError: not found, not loadable, or the tokenizer has no EOS token.
+        ModelError: a hub name not found, not loadable, or the tokenizer has no EOS token.
+        ConfigError: a directory that does not exist or lacks a model's files (`decoder_source`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -367,7 +368,7 @@ def load_decoder(name_or_path: str, dtype: str = "float32"):
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
         decoder = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], local_files_only=local_only)
     except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load decoder {name_or_path!r}: {first_line(e)}; {hint}") from e
+        raise ModelError(f"cannot load decoder {name_or_path!r}: {first_line(e).rstrip('. ')}; {hint}") from e
     if tokenizer.eos_token_id is None:
         raise ModelError(f"decoder {name_or_path!r}: its tokenizer has no EOS token; generation could never stop")
     if tokenizer.pad_token_id is None:

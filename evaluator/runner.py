@@ -55,6 +55,8 @@ RUN_FORMAT = 3  # bump when the layout or the meaning of a stage's output change
 PREDICTIONS_DIR = "predictions"
 DIGEST_CACHE = ".cache/sha256.json"  # under --out: digests of decoder files by (path, size, mtime)
 SPOT_CHECK_MIN_CLIPS = 4  # re-extract at least this many clips, however small the share
+LOSS_POINTS = 500  # points of the loss curve kept in train.json
+EXTRACTION_FIELDS = ("clips", "failed", "audio_seconds", "wall_seconds", "runtime", "device", "finished")
 TEXT_POSITIONS = 256  # --pack auto sizes packs for the longest audio plus this many prompt and answer tokens
 
 
@@ -85,6 +87,7 @@ class RunOptions:
     limit_clips: int | None = None  # at most this many clips per task split (smoke runs); keyed
     time_budget: TimeBudget = TimeBudget()  # wall clock of the probe and of each extraction (recorded)
     progress: bool = True
+    sign_key: Path | None = None  # the organizer's private key: results.json gets a signed receipt.json
 
 
 @dataclass(frozen=True)
@@ -119,7 +122,7 @@ def run_submission(archive: Path, track: TrackSpec, opts: RunOptions, *, echo: E
         ModelError: the decoder or a metric model is missing.
     """
     train_track = _checked_tracks(track, train_track, opts)
-    return _run_solo(_prepare(Path(archive), track, train_track, opts, echo), echo)
+    return _run_solo(_prepare(Path(archive), track, train_track, opts, echo))
 
 
 def prepare_submission(archive: Path, track: TrackSpec, opts: RunOptions, *, echo: Echo = print,
@@ -136,15 +139,15 @@ def prepare_submission(archive: Path, track: TrackSpec, opts: RunOptions, *, ech
     return _prepare(Path(archive), track, train_track, opts, echo).sub_dir
 
 
-def _run_solo(prep: _Prepared, echo: Echo, *, score: bool = True) -> RunOutcome | None:
+def _run_solo(prep: _Prepared, *, score: bool = True) -> RunOutcome | None:
     """Train the submission's decoder alone, then (unless ``score`` is off) generate and score."""
     from evaluator.generation import Generator
     from evaluator.model import build_model
     from evaluator.training import train
 
     plan, opts = prep.plan, prep.stages.opts
-    echo(f"Training the decoder for track {prep.train_track.name}: {plan.model_cfg.decoder}, "
-         f"{plan.train_cfg.max_steps} steps, {plan.train_cfg.precision} -> {plan.train_dir}")
+    prep.stages.echo(f"Training the decoder for track {prep.train_track.name}: {plan.model_cfg.decoder}, "
+                     f"{plan.train_cfg.max_steps} steps, {plan.train_cfg.precision} -> {plan.train_dir}")
     model = build_model(plan.model_cfg, seed=plan.train_cfg.seed)
     result = train(model, plan.datasets, plan.probs, plan.train_cfg, plan.train_dir, progress=opts.progress)
     prep.stages.report_training(plan, result)
@@ -223,7 +226,7 @@ def _run_group(members: list[tuple[int, _Prepared]], pack: int | None, train_tra
         if size == 1:  # one at a time: each exactly as `run_submission` alone
             for i, prep in members:
                 try:
-                    done[i] = BatchOutcome(prep.archive, outcome=_run_solo(prep, echo, score=score))
+                    done[i] = BatchOutcome(prep.archive, outcome=_run_solo(prep, score=score))
                 except XaresError as e:
                     done[i] = BatchOutcome(prep.archive, error=e)
                     echo(f"  - {prep.label}: FAILED: {first_line(e)}")
@@ -408,6 +411,7 @@ class _Prepared:
 
 def _prepare(archive: Path, track: TrackSpec, train_track: TrackSpec, opts: RunOptions, echo: Echo) -> _Prepared:
     """Check the submission, run its probe, extract and spot-check its features, plan its decoder."""
+    echo = _Transcript(echo)  # the run's lines, for its run.log
     echo(f"Checking {archive.name}")
     with unpacked(archive) as sub:
         root, manifest, sub_sha = sub.root, sub.manifest, sub.sha256
@@ -462,15 +466,23 @@ def _finish(prep: _Prepared, predict: Predict, codec) -> RunOutcome:
     run_key, run_dir, manifest, stages, track = prep.run_key, prep.run_dir, prep.manifest, prep.stages, prep.track
     opts = stages.opts
     run_dir.mkdir(parents=True, exist_ok=True)
-    with _log_to(run_dir / "run.log"):
-        _write_json(run_dir / "probe.json", prep.probe.to_dict())
-        _write_json(run_dir / "config.json", {
-            "run_key": run_key, "submission": {"name": manifest.name, "sha256": prep.sub_sha},
-            "track": track.name, "train_dir": str(prep.plan.train_dir), "device": prep.described,
-            "options": _jsonable(asdict(opts)),
-            "skipped": {k: v for k, v in stages.skips.items()},
-        })
-        results = stages.evaluate(track, prep.eval_stores, run_dir, predict, codec)
+    config = _jsonable({
+        "run_key": run_key, "submission": {"name": manifest.name, "sha256": prep.sub_sha},
+        "track": track.name, "train_dir": str(prep.plan.train_dir), "device": prep.described,
+        "options": asdict(opts),
+        "skipped": {k: v for k, v in stages.skips.items()},
+        "tasks": {t.id: {"metric": t.metric, "metric_args": t.metric_args, "hidden": t.hidden}
+                  for t in track.eval_tasks},
+        "extraction": {k: {f: store.profile.get(f) for f in EXTRACTION_FIELDS} for k, store in sorted(stages.stores.items())},
+    })
+    transcript = stages.echo if isinstance(stages.echo, _Transcript) else _Transcript(stages.echo)
+    try:
+        with _log_to(transcript):
+            _write_json(run_dir / "probe.json", prep.probe.to_dict())
+            _write_json(run_dir / "config.json", config)
+            results = stages.evaluate(track, prep.eval_stores, run_dir, predict, codec)
+    finally:  # the whole run, up to where it stopped
+        atomic_write_text(run_dir / "run.log", "\n".join(transcript.lines) + "\n")
     from evaluator import __version__
     from evaluator.scoring import results_document
 
@@ -484,7 +496,28 @@ def _finish(prep: _Prepared, predict: Predict, codec) -> RunOutcome:
     results_path = run_dir / "results.json"
     _write_json(results_path, document)
     _write_scores_tsv(run_dir / "scores.tsv", document)
+    if opts.sign_key is not None:
+        _sign(prep, document, config, run_dir)
     return RunOutcome(run_dir=run_dir, results_path=results_path, document=document)
+
+
+def _sign(prep: _Prepared, document: dict, config: dict, run_dir: Path) -> None:
+    """receipt.json beside results.json: the organizer's signature over the scores and all that made them."""
+    from evaluator import __version__
+    from evaluator.receipts import RECEIPT_FILE, load_private_key, receipt_payload, sign, write_receipt
+
+    manifest, opts = prep.manifest, prep.stages.opts
+    if manifest.onnx is not None:
+        model = next((f.sha256 for f in manifest.files if f.path == manifest.onnx.model), None)
+    else:
+        model = manifest.container.image_id if manifest.container is not None else None
+    payload = receipt_payload(
+        document, submission_sha256=prep.sub_sha, model_digest=model,
+        # each store's name is the digest of its shards' sha256s and the extraction settings
+        data_digests={k: store.path.name for k, store in sorted(prep.stages.stores.items())},
+        decoder=_decoder_identity(prep.plan.model_cfg.decoder, DigestCache(Path(opts.out) / DIGEST_CACHE)),
+        config=config, evaluator_version=__version__)
+    write_receipt(run_dir / RECEIPT_FILE, sign(payload, load_private_key(Path(opts.sign_key))))
 
 
 def _auto_pack_size(pack, preps: list[_Prepared], echo: Echo) -> int:
@@ -540,6 +573,7 @@ class _Stages:
         self.feature_dtype = probe.feature_dtype if opts.feature_dtype == "auto" else opts.feature_dtype
         self.store_root = opts.store_root or Path(opts.out) / "features"
         self.skips: dict[str, dict] = {}  # "<task>/<split>" -> skip counts
+        self.stores: dict[str, FeatureStore] = {}  # "<task>/<split>" -> its store (the report shows their profiles)
         self.errors: dict[str, str] = {}  # eval task id -> why it could not be extracted
 
     # ---- features --------------------------------------------------------------------------------
@@ -568,14 +602,16 @@ class _Stages:
         key = StoreKey.for_shards(self.sub_sha, digests, task=task.id, split=split, dtype=self.feature_dtype,
                                   window_seconds=self.manifest.max_audio_seconds, settings=tuple(settings))
         try:
-            return self._fill(task, split, key)
+            store = self._fill(task, split, key)
         except FeatureRangeError as e:
             if self.opts.feature_dtype != "auto":
                 raise
             # louder data than the probe's: never fail a valid submission on range, store float32 instead
             self.echo(f"  - {task.id}: {e}; storing this split as float32")
             FeatureStore.open(self.store_root, key).clear()
-            return self._fill(task, split, replace(key, dtype="float32"))
+            store = self._fill(task, split, replace(key, dtype="float32"))
+        self.stores[f"{task.id}/{split}"] = store
+        return store
 
     def _fill(self, task: TaskSpec, split: str, key: StoreKey) -> FeatureStore:
         store = FeatureStore.open(self.store_root, key)
@@ -681,9 +717,14 @@ class _Stages:
         tail = result.losses[-min(50, len(result.losses)):]
         if tail:
             self.echo(f"  - {prefix}final loss {sum(tail) / len(tail):.3f} ({result.seconds:.0f} s)")
-        _write_json(plan.train_dir / "train.json", {"key": plan.key, "model": plan.model_cfg.to_dict(),
-                                                    "device": self.device, "train": plan.train_cfg.identity(),
-                                                    "steps": result.steps})
+        path = plan.train_dir / "train.json"
+        seconds = result.seconds
+        if result.resumed_from and path.exists():  # the time of the training, not of this call only
+            with contextlib.suppress(ValueError, TypeError):
+                seconds += float(json.loads(path.read_text()).get("seconds") or 0.0)
+        _write_json(path, {"key": plan.key, "model": plan.model_cfg.to_dict(), "device": self.device,
+                           "train": plan.train_cfg.identity(), "steps": result.steps, "seconds": round(seconds, 1),
+                           "loss_curve": loss_curve(result.losses)})
 
     # ---- generation and scoring ------------------------------------------------------------------
     def evaluate(self, track: TrackSpec, stores: dict[str, FeatureStore], run_dir: Path, predict: Predict,
@@ -774,6 +815,15 @@ def _score(task: TaskSpec, rows: list[dict], scorer) -> float:
 
 
 # ---- helpers -------------------------------------------------------------------------------------
+def loss_curve(losses: list[float], points: int = LOSS_POINTS) -> list[list[float]]:
+    """[step, mean loss] over equal windows of the steps: the training curve, small enough for a page."""
+    if not losses:
+        return []
+    window = max(1, -(-len(losses) // points))
+    return [[min(start + window, len(losses)), round(sum(losses[start:start + window]) / len(losses[start:start + window]), 5)]
+            for start in range(0, len(losses), window)]
+
+
 def _task_identity(task: TaskSpec, store: FeatureStore | None) -> dict:
     return {"id": task.id, "prompt": task.prompt, "train_prompt": task.prompt_for_training, "metric": task.metric,
             "metric_args": task.metric_args, "store": store.path.name if store is not None else None}
@@ -817,12 +867,31 @@ def _write_scores_tsv(path: Path, document: dict) -> None:
     atomic_write_text(path, render_tsv(header, body))
 
 
+class _Transcript:
+    """Every step line of one submission's run (passed on to the caller's echo) and the evaluator's log
+    records while it scores: the run's run.log."""
+
+    def __init__(self, echo: Echo):
+        self.echo = echo
+        self.lines: list[str] = []
+
+    def __call__(self, line: str) -> None:
+        self.record(line)
+        self.echo(line)
+
+    def record(self, line: str) -> None:
+        self.lines.append(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}")
+
+
 @contextlib.contextmanager
-def _log_to(path: Path) -> Iterator[None]:
-    """Copy the evaluator's INFO log lines into the run folder while the run goes on."""
-    handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.setLevel(logging.INFO)
+def _log_to(transcript: _Transcript) -> Iterator[None]:
+    """Copy the evaluator's INFO log records into the transcript while the run scores."""
+
+    class Handler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            transcript.record(f"{record.levelname} {record.name}: {record.getMessage()}")
+
+    handler = Handler(logging.INFO)
     root = logging.getLogger("evaluator")
     old = root.level
     root.addHandler(handler)
@@ -833,22 +902,15 @@ def _log_to(path: Path) -> Iterator[None]:
     finally:
         root.removeHandler(handler)
         root.setLevel(old)
-        handler.close()
 
 
 @contextlib.contextmanager
 def _progress(enabled: bool, label: str):
-    """A rich progress bar fed by extraction's (clips, audio-seconds) callback."""
-    if not enabled:
-        yield None
-        return
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    """Extraction's (clips, audio-seconds) callback, shown as a bar or periodic lines (evaluator.progress)."""
+    from evaluator.progress import progress
 
-    with Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), TextColumn("{task.completed} clips"),
-                  TextColumn("{task.fields[seconds]:.0f} audio-s"), TimeElapsedColumn(), transient=True) as bar:
-        task = bar.add_task(label, total=None, seconds=0.0)
-
+    with progress(f"extracting {label}", unit="clips", enabled=enabled) as bar:
         def tick(clips: int, seconds: float) -> None:
-            bar.update(task, completed=clips, seconds=seconds)
+            bar.set(clips, f"{seconds:.0f} audio-s")
 
-        yield tick
+        yield tick if enabled else None

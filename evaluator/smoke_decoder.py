@@ -24,6 +24,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from evaluator.progress import progress as progress_of
+
 logger = logging.getLogger(__name__)
 
 EOS_TOKEN = "<|endoftext|>"  # same name as SmolLM2's bos/eos token
@@ -89,6 +91,7 @@ def build_smoke_decoder(
     num_layers: int = 2,
     batch_size: int = 16,
     threads: int | None = None,
+    progress: bool = False,
 ) -> Path:
     """Build, pre-train and save the smoke-test decoder.
 
@@ -138,7 +141,7 @@ def build_smoke_decoder(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = LlamaForCausalLM(config)
-            _pretrain(model, tokenizer, texts, steps=steps, seed=seed, batch_size=batch_size)
+            _pretrain(model, tokenizer, texts, steps=steps, seed=seed, batch_size=batch_size, progress=progress)
     finally:
         torch.set_num_threads(old_threads)
     model.eval()
@@ -154,7 +157,8 @@ def build_smoke_decoder(
     return out_dir
 
 
-def _pretrain(model, tokenizer, texts: list[str], *, steps: int, seed: int, batch_size: int) -> None:
+def _pretrain(model, tokenizer, texts: list[str], *, steps: int, seed: int, batch_size: int,
+              progress: bool = False) -> None:
     """Causal-LM training on packed rows ``<eos> text <eos> text <eos> ...`` (loss on every token).
 
     Packing with a leading EOS teaches both ends of an answer: which first token follows a separator (in
@@ -166,23 +170,30 @@ def _pretrain(model, tokenizer, texts: list[str], *, steps: int, seed: int, batc
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     model.train()
-    for step in range(steps):
-        rows = []
-        for _ in range(batch_size):
-            row = [eos]
-            while len(row) < row_len:
-                row += encoded[rng.randrange(len(encoded))] + [eos]
-            rows.append(row[:row_len])
-        input_ids = torch.tensor(rows, dtype=torch.long)  # [B, row_len], no padding needed
-        for group in optimizer.param_groups:  # short linear warm-up, then linear decay to 10 %
-            group["lr"] = 3e-3 * min((step + 1) / 20, 1.0 - 0.9 * step / steps)
-        loss = model(input_ids=input_ids, labels=input_ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step % 100 == 0 or step == steps - 1:
-            logger.debug("smoke decoder LM step %d loss %.3f", step, loss.item())
+    with progress_of("building the smoke decoder", total=steps, enabled=progress) as bar:
+        for step in range(steps):
+            _pretrain_step(model, optimizer, encoded, rng, eos, row_len, batch_size, step, steps)
+            bar.advance(1)
+
+
+def _pretrain_step(model, optimizer, encoded: list[list[int]], rng: random.Random, eos: int, row_len: int,
+                   batch_size: int, step: int, steps: int) -> None:
+    rows = []
+    for _ in range(batch_size):
+        row = [eos]
+        while len(row) < row_len:
+            row += encoded[rng.randrange(len(encoded))] + [eos]
+        rows.append(row[:row_len])
+    input_ids = torch.tensor(rows, dtype=torch.long)  # [B, row_len], no padding needed
+    for group in optimizer.param_groups:  # short linear warm-up, then linear decay to 10 %
+        group["lr"] = 3e-3 * min((step + 1) / 20, 1.0 - 0.9 * step / steps)
+    loss = model(input_ids=input_ids, labels=input_ids).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if step % 100 == 0 or step == steps - 1:
+        logger.debug("smoke decoder LM step %d loss %.3f", step, loss.item())
 
 
 def build_smollm2_shaped(out_dir: Path, *, seed: int = 0, texts: Sequence[str] | None = None) -> Path:

@@ -37,6 +37,7 @@ from evaluator.data.specs import Prompt, choose_prompt
 from evaluator.errors import ConfigError, DataError, XaresError
 from evaluator.model import AudioLLM, Batch, Collated
 from evaluator.pack import DecoderPack, DropoutStream, Job
+from evaluator.progress import progress as progress_of
 
 logger = logging.getLogger(__name__)
 
@@ -405,7 +406,7 @@ def train(
         pending: list[torch.Tensor] = []
         sampler_state = sampler.state_dict()
         model.train()
-        with _progress_bar(progress, start, cfg.max_steps) as (bar, task), \
+        with progress_of("training", total=cfg.max_steps, completed=start, enabled=progress) as bar, \
                 _batches(model, sampler, device, bucket=body is not None) as stream:
             for step in range(start, end):
                 lr = learning_rate(step, cfg)
@@ -419,8 +420,8 @@ def train(
                 pending.append(loss.detach())
                 done = step + 1
                 checkpoint = _bookkeep(done, end, cfg, losses, pending, read_every)
-                if bar is not None and not pending:  # just read back
-                    bar.update(task, completed=done, description=f"training  loss {losses[-1]:.3f}")
+                if not pending:  # just read back
+                    bar.set(done, f"loss {losses[-1]:.3f}")
                 if checkpoint:
                     _save_checkpoint(out_dir, done, model, optimizer, sampler_state, losses, cfg, _global_rng(device), threads)
         model.eval()
@@ -579,7 +580,7 @@ def train_packed(pack: DecoderPack, jobs: Sequence[PackedJob], progress: bool = 
         pack.decoder.train()
         total = sum(lane.end for lane in lanes)
         completed = sum(lane.step for lane in lanes)
-        with _progress_bar(progress, completed, total) as (bar, task):
+        with progress_of("training", total=total, completed=completed, unit="job-steps", enabled=progress) as bar:
             while lanes:
                 ready = []
                 for lane in list(lanes):
@@ -611,9 +612,8 @@ def train_packed(pack: DecoderPack, jobs: Sequence[PackedJob], progress: bool = 
                     if finished:
                         outcomes[lane.job.name].result = lane.result()
                         lanes.remove(lane)
-                if bar is not None:
-                    completed += len(ready)
-                    bar.update(task, completed=completed, description=f"training {len(lanes)} decoders")
+                completed += len(ready)
+                bar.set(completed, f"{len(lanes)} decoders")
         pack.decoder.eval()
     return [outcomes[job.name] for job in jobs]
 
@@ -726,13 +726,3 @@ class _Prefetch:
         self._thread.join(timeout=5)
 
 
-@contextlib.contextmanager
-def _progress_bar(enabled: bool, start: int, total: int):
-    if not enabled:
-        yield None, None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  transient=True) as bar:
-        yield bar, bar.add_task("training", total=total, completed=start)

@@ -98,6 +98,8 @@ def test_a_campaign_runs_reports_and_resumes(world, tmp_path):
     page = (out / "leaderboard.html").read_text()
     assert page.count("<html>") == 1 and "<h2>Failed</h2>" in page and "broken.tar" in page
     assert (out / "leaderboard.tsv").read_text().startswith("rank\tsubmission")
+    site = (out / "site" / "index.html").read_text()
+    assert "mel80" in site and "mel40" in site and f"Site: {out / 'site' / 'index.html'}" in result.output
     status = CliRunner().invoke(eval_cli, ["campaign", "status", str(out)])
     assert status.exit_code == 0 and "6 done, 2 failed" in status.output, status.output
     # a rerun does no work for the finished jobs: only the failed ones (and the pack with a failed member) run
@@ -371,17 +373,25 @@ def test_a_local_ray_instance_runs_a_campaign(world, tmp_path, monkeypatch):
         monkeypatch.setenv(key, value)
     root, data_home = world
     out = tmp_path / "local-ray"
+    keys = CliRunner().invoke(eval_cli, ["keygen", "--out", str(tmp_path / "organizer")])
+    assert keys.exit_code == 0, keys.output
     result = CliRunner().invoke(eval_cli, ["campaign", str(root / "mel40.tar"), "--tracks", "demo-a", "--out", str(out),
-                                           "--max-steps", "4", "--ray", *common(root, data_home)])
+                                           "--max-steps", "4", "--ray", "--sign-key", str(tmp_path / "organizer.key"),
+                                           *common(root, data_home)])
     assert result.exit_code == 0, result.output
     assert "a local Ray instance" in result.output
     jobs = jobs_of(out)
     assert {j["status"] for j in jobs.values()} == {"done"} and all(" node " in j["where"] for j in jobs.values())
     assert scores(out)["score/demo-a/mel40.tar"]
+    # the score job, on a Ray worker, signed its results with the organizer's key; the site lists them
+    results = out / jobs["score/demo-a/mel40.tar"]["results"]
+    verified = CliRunner().invoke(eval_cli, ["verify", str(results), "--key", str(tmp_path / "organizer.pub")])
+    assert verified.exit_code == 0 and verified.output.startswith("ok: receipt"), verified.output
+    assert "mel40" in (out / "site" / "index.html").read_text()
 
 
-def test_the_progress_display_reports_every_job(world, tmp_path, capsys):
-    """With progress on (a terminal), the campaign's bar runs and each finished job is one line under it;
+def test_the_progress_display_reports_every_job(world, tmp_path, capsys, monkeypatch):
+    """With progress on a terminal, the campaign's bar runs and each finished job is one line under it;
     the jobs themselves run without bars of their own (theirs would clash with the campaign's)."""
     from evaluator.campaign import run_campaign
     from evaluator.data import get_track
@@ -391,6 +401,7 @@ def test_the_progress_display_reports_every_job(world, tmp_path, capsys):
     track = get_track("demo-a", data_home=data_home)
     opts = RunOptions(decoder=str(root / "decoder"), data_home=data_home, download=False, progress=True, max_steps=2)
     lines: list[str] = []
+    monkeypatch.setattr("sys.stdout.isatty", lambda: True)
     records = run_campaign([root / "broken.tar"], [track], tmp_path / "camp", opts, pack=1, echo=lines.append)
     assert {r.status for r in records} == {"failed"}
     shown = capsys.readouterr().out

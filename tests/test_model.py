@@ -227,7 +227,9 @@ class TestLoading:
         assert time.monotonic() - start < 5  # no half-minute of retries
 
     def test_missing_directory(self, tmp_path):
-        with pytest.raises(ModelError, match="does not exist"):
+        from evaluator.errors import ConfigError
+
+        with pytest.raises(ConfigError, match="does not exist"):  # the option is wrong: exit 2
             build_model(ModelConfig(encoder_dim=D, decoder=str(tmp_path / "nope")))
 
     def test_bad_config(self):

@@ -260,7 +260,7 @@ class TestCli:
         result = CliRunner().invoke(eval_cli, [
             "run", str(root / "submission.tar"), "--track", "demo-a", "--data-home", str(data_home),
             "--decoder", str(tmp_path / "no-decoder"), "--out", str(tmp_path / "out"), "--quiet"])
-        assert result.exit_code == 1 and "decoder directory" in result.output
+        assert result.exit_code == 2 and "decoder directory" in result.output  # a wrong option, not a bad submission
         assert "Extracting" not in result.output and not (tmp_path / "out").exists()
 
     @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks a machine without CUDA")
@@ -339,6 +339,8 @@ def test_demo_command_runs_both_tracks_and_prints_chance(tmp_path):
     tail = result.output.split("Chance level of each task")[1]
     chance = [line for line in tail.splitlines() if line.startswith("  - demo-")]
     assert len(chance) == 5 and all(line.split()[-1].replace(".", "").isdigit() for line in chance)
+    site = tmp_path / "demo" / "site" / "index.html"
+    assert f"Site: {site}" in result.output and "Track demo-b" in site.read_text()
 
 
 # ---- several submissions in packs (issue 12) --------------------------------------------------------

@@ -4,7 +4,8 @@ Each subcommand lives in its own module and is imported only when invoked, so ``
 and a participant's ``validate`` never imports the training stack.
 
 Errors: a `XaresError` becomes one line on stderr and its exit code (1 invalid input, 2 usage or
-config, 3 host environment); anything else is our bug and exits 70 (traceback with ``--debug``).
+config, 3 host environment); Ctrl-C exits 130 with one line (rerunning resumes); anything else is our
+bug and exits 70 (traceback with ``--debug``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import importlib.util
 import logging
 import os
 import sys
+import traceback
 import warnings
 
 import click
@@ -21,6 +23,8 @@ import click
 from evaluator.errors import XaresError
 
 INTERNAL_ERROR_EXIT = 70  # EX_SOFTWARE
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, what a shell reports for a process stopped by Ctrl-C
+INTERRUPTED_MESSAGE = "interrupted; rerun the same command to resume"
 
 SUBMIT_COMMANDS = {
     "init": "evaluator.cli.submit:init",
@@ -34,9 +38,12 @@ EVAL_COMMANDS = {
     "tasks": "evaluator.cli.tasks:tasks",
     "demo-data": "evaluator.cli.tasks:demo_data",
     "leaderboard": "evaluator.cli.leaderboard:leaderboard",
+    "report": "evaluator.cli.report:report",
     "validate": "evaluator.cli.submit:validate",
     "demo": "evaluator.cli.demo:demo",
     "cleanup": "evaluator.cli.cleanup:cleanup",
+    "keygen": "evaluator.cli.receipts:keygen",
+    "verify": "evaluator.cli.receipts:verify",
 }
 
 
@@ -81,8 +88,13 @@ class LazyGroup(click.Group):
                 raise
             _report_user_error(e)
             ctx.exit(e.exit_code)
-        except (click.exceptions.Exit, click.ClickException, click.Abort, KeyboardInterrupt):
+        except (click.exceptions.Exit, click.ClickException):
             raise
+        except (KeyboardInterrupt, click.Abort):  # not "Aborted!" and exit 1: 1 means an invalid submission
+            if debug:
+                traceback.print_exc()
+            click.echo(INTERRUPTED_MESSAGE, err=True)
+            ctx.exit(INTERRUPTED_EXIT)
         except Exception as e:  # our bug, not the user's
             if debug:
                 raise
@@ -153,7 +165,14 @@ def eval_cli(verbose: int, debug: bool) -> None:
     \b
     Typical use:
       xares-eval tasks
-      xares-eval run submission.tar --track demo-a
-      xares-eval leaderboard out/*/results.json --format md
+      xares-eval demo-data --out xares_data --track demo-a
+      xares-eval run submission.tar --track demo-a --offline --decoder DIR
+      xares-eval leaderboard out/*/*/results.json --format md
+
+    \b
+    `run` needs the track's data first (demo-data, or shards it downloads
+    without --offline) and a decoder: a folder written by save_pretrained
+    (--decoder DIR) or HuggingFaceTB/SmolLM2-135M in the Hugging Face cache.
+    `xares-eval demo` makes both and runs the demo tracks end to end.
     """
     _setup_logging(verbose)

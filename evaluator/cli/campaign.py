@@ -54,12 +54,15 @@ With --ray, OUT, the submissions, --data-home and the decoder must be on a files
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=500, show_default=True,
               help="Training steps between checkpoints (a killed campaign resumes from the last one).")
 @click.option("--machine", default=None, help="Machine name written into results.json [default: host name].")
+@click.option("--sign-key", type=click.Path(dir_okay=False, path_type=Path), default=None, envvar="XARES_SIGN_KEY",
+              help="Organizer's private key: each results.json gets a signed receipt.json [default: $XARES_SIGN_KEY].")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def campaign(submissions: tuple[str, ...], tracks: str, out: Path, pack: str, jobs: int, ray_address: str | None,
              gpu_share: float, retries: int, decoder: str | None,
              max_steps: int | None, precision: str, device: str, data_home: Path | None,
              hidden_config: Path | None, offline: bool, limit_clips: int | None, threads: int | None,
-             max_new_tokens: int, checkpoint_every: int, machine: str | None, quiet: bool) -> None:
+             max_new_tokens: int, checkpoint_every: int, machine: str | None, sign_key: Path | None,
+             quiet: bool) -> None:
     """Evaluate SUBMISSIONS (submission.tar files) on every track of --tracks and write the leaderboard.
 
     `xares-eval campaign status DIR` prints the job table of a campaign folder, also while it runs.
@@ -74,6 +77,11 @@ def campaign(submissions: tuple[str, ...], tracks: str, out: Path, pack: str, jo
         raise ConfigError(f"no such submission file: {', '.join(missing)}")
     if ray_address is not None and jobs != 1:
         raise ConfigError("--jobs is for this machine; with --ray the cluster's resources decide what runs at once")
+    if sign_key is not None:  # a wrong key fails now, not after the campaign
+        from evaluator.receipts import load_private_key
+
+        load_private_key(sign_key)
+        sign_key = sign_key.resolve()
     from evaluator.cores import settle_openmp
 
     settle_openmp()
@@ -87,7 +95,7 @@ def campaign(submissions: tuple[str, ...], tracks: str, out: Path, pack: str, jo
     specs = [resolve_track(n, data_home=data_home, hidden_config=hidden_config) for n in names]
     opts = RunOptions(decoder=decoder, max_steps=max_steps, precision=precision, device=device, data_home=data_home,
                       hidden_config=hidden_config, download=not offline, limit_clips=limit_clips, threads=threads, max_new_tokens=max_new_tokens,
-                      checkpoint_every=checkpoint_every, progress=not quiet and sys.stdout.isatty(), **({"machine": machine} if machine else {}))
+                      checkpoint_every=checkpoint_every, progress=not quiet, sign_key=sign_key, **({"machine": machine} if machine else {}))
     if ray_address is not None:
         executor = RayExecutor(None if ray_address == "local" else ray_address,
                                StageResources(gpu_share=gpu_share, retries=retries))

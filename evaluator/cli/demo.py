@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -79,13 +78,13 @@ def demo(out: Path, max_steps: int, decoder_steps: int, device: str, precision: 
             for task in track.train_tasks:
                 texts += [t for clip in iter_clips(task, "train", data_home=data_home, download=False)
                           for t in clip.targets]
-        build_smoke_decoder(texts, decoder, steps=decoder_steps)
+        build_smoke_decoder(texts, decoder, steps=decoder_steps, progress=not quiet)
 
     outcomes = {}
     for name, track in tracks.items():
         click.echo(f"\n== {name} ==")
         opts = RunOptions(out=out / "runs", decoder=str(decoder), max_steps=max_steps, data_home=data_home,
-                          download=False, progress=not quiet and sys.stdout.isatty(), machine=f"demo-{kind}",
+                          download=False, progress=not quiet, machine=f"demo-{kind}",
                           device=device, precision=precision)
         outcomes[name] = run_submission(submission, track, opts, echo=click.echo)
 
@@ -98,6 +97,10 @@ def demo(out: Path, max_steps: int, decoder_steps: int, device: str, precision: 
         for task in track.eval_tasks:
             chance = _chance(task, outcomes[name].run_dir / PREDICTIONS_DIR / f"{task.id}.jsonl")
             click.echo(f"  - {name}/{task.id}: {task.metric} {100 * chance:.1f}")
+    from evaluator.report import build_site
+
+    site = build_site([o.results_path for o in outcomes.values()], out / "site", title="XARES-LLM demo results")
+    click.echo(f"\nSite: {site} (open it in a browser: plots, per-task answers, the training curve)")
 
 
 def _chance(task, predictions: Path) -> float:

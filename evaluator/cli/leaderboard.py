@@ -1,6 +1,6 @@
 """``xares-eval leaderboard``: rank submissions per track from results.json files.
 
-    xares-eval leaderboard out/*/results.json --format md
+    xares-eval leaderboard out/*/*/results.json --format md
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ RENDERERS = {"md": render_md, "tsv": render_tsv, "html": render_html}
 
 EPILOG = """\b
 Examples:
-  xares-eval leaderboard out/*/results.json
+  xares-eval leaderboard out/*/*/results.json      # out/<submission>-<sha12>/<track>-<key12>/
   xares-eval leaderboard a.json a-hidden.json b.json --format tsv -o scores.tsv
   xares-eval leaderboard machine1/results.json machine2/results.json --format html -o board.html
 """

@@ -87,13 +87,18 @@ decoders together over one frozen decoder, into the same folders as separate run
               help="Train (and decode) up to K submissions' decoders together over one frozen decoder; auto: as "
                    "many as fit the device's memory. Each gets the result of its own run; a failed one is reported "
                    "and the others go on.")
+@click.option("--sign-key", type=click.Path(dir_okay=False, path_type=Path), default=None, envvar="XARES_SIGN_KEY",
+              help="Organizer's private key (`xares-eval keygen`): each results.json gets a signed receipt.json "
+                   "[default: $XARES_SIGN_KEY].")
+@click.option("--site/--no-site", default=True, show_default=True,
+              help="Write the results site of every run under --out to OUT/site/index.html.")
 @click.option("--quiet", is_flag=True, help="No progress bars (they are off anyway when stdout is not a terminal).")
 def run(submissions: tuple[Path, ...], track: str | None, train_config: Path | None, eval_config: Path | None,
         decoder: str | None, max_steps: int | None, out: Path, precision: str, device: str, compile_mode: str,
         feature_dtype: str, seed: int | None,
         machine: str | None, data_home: Path | None, hidden_config: Path | None, offline: bool,
         limit_clips: int | None, threads: int | None, checkpoint_every: int, eval_batch_size: int | None, memory_mb: int | None, gpu: bool, spot_check: float,
-        time_limit: float, time_floor: float, pack: str, quiet: bool) -> None:
+        time_limit: float, time_floor: float, pack: str, sign_key: Path | None, site: bool, quiet: bool) -> None:
     """Evaluate SUBMISSIONS (submission.tar files) on a track and write a results.json for each.
 
     Validates the submission, extracts features in the sandbox (once per clip), trains the projector
@@ -111,6 +116,10 @@ def run(submissions: tuple[Path, ...], track: str | None, train_config: Path | N
         raise ConfigError("give --track NAME or --train-config/--eval-config (XARES-LLM YAML)")
     if eval_config and not train_config and track is None:
         raise ConfigError("--eval-config needs --train-config (or --track naming the decoder's track)")
+    if sign_key is not None:  # a wrong key fails now, not after hours of training
+        from evaluator.receipts import load_private_key
+
+        load_private_key(sign_key)
     spec = resolve_track(track, train_config=train_config, eval_config=eval_config, data_home=data_home,
                          hidden_config=hidden_config)
     train_spec = None
@@ -121,7 +130,8 @@ def run(submissions: tuple[Path, ...], track: str | None, train_config: Path | N
                       time_budget=TimeBudget(seconds_per_audio_second=time_limit, floor_seconds=time_floor),
                       data_home=data_home, hidden_config=hidden_config, download=not offline,
                       limit_clips=limit_clips, threads=threads, checkpoint_every=checkpoint_every, eval_batch_size=eval_batch_size, memory_mb=memory_mb, gpu=gpu, spot_check=spot_check,
-                      progress=not quiet and sys.stdout.isatty(), **({"machine": machine} if machine else {}))
+                      progress=not quiet, sign_key=sign_key,
+                      **({"machine": machine} if machine else {}))
     size = parse_pack(pack)
     if len(submissions) == 1:
         outcomes = [run_submission(submissions[0], spec, opts, echo=click.echo, train_track=train_spec)]
@@ -139,6 +149,10 @@ def run(submissions: tuple[Path, ...], track: str | None, train_config: Path | N
         click.echo(render_md(header, body))
         for outcome in outcomes:
             click.echo(f"Results: {outcome.results_path}")
+        if site:
+            from evaluator.report import write_site
+
+            click.echo(f"Site: {write_site(out)}")
     if failures:
         for f in failures:
             click.echo(f"error: {f.archive.name}: {first_line(f.error)}", err=True)

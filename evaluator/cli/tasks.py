@@ -127,7 +127,7 @@ def tasks(track: str, hidden_config: Path | None, data_home: Path | None, fmt: s
 Examples:
   xares-eval demo-data                      # both demo tracks under ./xares_data
   xares-eval demo-data --out /tmp/demo --track demo-a
-  xares-eval run submission.tar --track demo-a --data-home /tmp/demo
+  xares-eval run submission.tar --track demo-a --data-home /tmp/demo --offline --decoder DIR
 """,
 )
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), envvar=cache.DATA_HOME_ENV,

@@ -16,14 +16,13 @@ import glob
 import hashlib
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from evaluator.data.patterns import expand_braces, has_glob
 from evaluator.data.specs import Split, TaskSpec
 from evaluator.errors import DataError
-from evaluator.fileio import sha256_file
+from evaluator.fileio import atomic_write_text, sha256_file
 from evaluator.hub import HF_TIMEOUT_S, hub_endpoint, hub_unreachable
 
 log = logging.getLogger(__name__)
@@ -251,10 +250,7 @@ def file_sha256(path: Path, *, cache_dir: Path | None = None) -> str:
         raise DataError(f"{path}: cannot read ({e.strerror or e})") from e
     if entry is not None:
         try:  # atomic: concurrent runs never see half a digest
-            entry.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile("w", dir=entry.parent, delete=False) as tmp:
-                tmp.write(digest)
-            os.replace(tmp.name, entry)
+            atomic_write_text(entry, digest)
         except OSError as e:
             log.debug("cannot cache digest of %s: %s", path, e)
     return digest

@@ -18,13 +18,17 @@ from __future__ import annotations
 import html
 import io
 import json
+import logging
 import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from evaluator.errors import first_line
 from evaluator.fileio import atomic_write_text
+
+logger = logging.getLogger(__name__)
 
 INDEX = "index.html"
 SITE_DIR = "site"
@@ -74,11 +78,22 @@ def build_site(results: Sequence[Path], out: Path, *, title: str = TITLE) -> Pat
     return index
 
 
-def write_site(out: Path, results: Sequence[Path] | None = None, *, title: str = TITLE) -> Path:
-    """The site of ``results`` (default: every run under a run output folder) in ``<out>/site``."""
-    if results is None:
-        results = sorted(Path(out).glob("*/*/results.json"))
-    return build_site(list(results), Path(out) / SITE_DIR, title=title)
+def write_site(out: Path, *, title: str = TITLE) -> Path:
+    """The site of every run under a run output folder, in ``<out>/site``. A results.json there that cannot
+    be read (an older layout, a file cut short) is left out with a warning: it must not fail the run that
+    just finished."""
+    from evaluator.errors import XaresError
+    from evaluator.scoring import load_results
+
+    usable = []
+    for path in sorted(Path(out).glob("*/*/results.json")):
+        try:
+            load_results(path)
+        except XaresError as e:
+            logger.warning("the site leaves out %s: %s", path, first_line(e))
+            continue
+        usable.append(path)
+    return build_site(usable, Path(out) / SITE_DIR, title=title)
 
 
 def _view(path: Path, results, i: int) -> RunView:

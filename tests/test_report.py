@@ -154,3 +154,18 @@ def test_progress_lines_without_a_terminal(monkeypatch):
     assert lines[-1].startswith("[training] 100/100 steps") and lines[-1].endswith(", done")
     with progress("quiet", total=3, enabled=False) as bar:
         bar.advance(3)  # nothing to show, nothing raised
+
+
+def test_a_run_folder_with_a_bad_results_file_still_gets_its_site(finished, tmp_path):
+    """`run` writes the site of every run under --out: an unreadable results.json there is left out, and
+    the site of the others is written (the run that just finished must not fail on an old file)."""
+    from evaluator.report import write_site
+
+    root, _, results = finished
+    out = tmp_path / "out"
+    shutil.copytree(results.parent, out / results.parent.parent.name / results.parent.name)
+    (out / "old-0123456789ab" / "A-0123456789ab").mkdir(parents=True)
+    (out / "old-0123456789ab" / "A-0123456789ab" / "results.json").write_text('{"schema_version": 0}')
+    index = write_site(out)
+    page = index.read_text()
+    assert "logmel-baseline" in page and "old-0123456789ab" not in page

@@ -124,18 +124,24 @@ def generate_keypair(private_path: Path, public_path: Path) -> None:
         raise ConfigError(f"cannot write the key pair ({e})") from e
 
 
-def _read_pem(path: Path, kind: str) -> bytes:
+def _read_small(path: Path, what: str, *, missing: str, too_large: type[XaresError] = ConfigError) -> bytes:
+    """A key, receipt or results file's bytes, with one-line errors (keys and receipts are never large)."""
     path = Path(path)
     try:
         if path.stat().st_size > MAX_FILE_BYTES:
-            raise ConfigError(f"{path}: {path.stat().st_size} bytes is too large for an ed25519 {kind} key file")
+            raise too_large(f"{path}: {path.stat().st_size} bytes is too large for {what}")
         return path.read_bytes()
     except FileNotFoundError as e:
-        raise ConfigError(f"{path}: no such {kind} key file (create a pair with `xares-eval keygen`)") from e
+        raise ConfigError(f"{path}: {missing}") from e
     except IsADirectoryError as e:
-        raise ConfigError(f"{path}: is a directory, not a {kind} key file") from e
+        raise ConfigError(f"{path}: is a directory, not {what}") from e
     except OSError as e:
         raise ConfigError(f"{path}: cannot read it ({e.strerror or e})") from e
+
+
+def _read_pem(path: Path, kind: str) -> bytes:
+    return _read_small(path, f"an ed25519 {kind} key file",
+                       missing=f"no such {kind} key file (create a pair with `xares-eval keygen`)")
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:
@@ -350,17 +356,7 @@ def verify(receipt: dict, public_key: Ed25519PublicKey, results: dict | None = N
 
 
 def _read_json(path: Path, what: str, error: type[XaresError]):
-    path = Path(path)
-    try:
-        if path.stat().st_size > MAX_FILE_BYTES:
-            raise error(f"{path}: {path.stat().st_size} bytes is too large for a {what}")
-        data = path.read_bytes()
-    except FileNotFoundError as e:
-        raise ConfigError(f"{path}: no such file (the {what} was expected there)") from e
-    except IsADirectoryError as e:
-        raise ConfigError(f"{path}: is a directory, not a {what}") from e
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read it ({e.strerror or e})") from e
+    data = _read_small(path, f"a {what}", missing=f"no such file (the {what} was expected there)", too_large=error)
     try:
         return parse_json(data)
     except UnsafeInput as e:

@@ -493,6 +493,3 @@ def _decode_static(decoder, cache, length: int, step, embeds, mask, positions, o
         logits = step(token, next_pos, torch.tensor([prompt_len + t], device=device), full_mask)
         next_pos = next_pos + 1
     return [_until_eos(row, eos) for row in tokens.tolist()]
-
-
-

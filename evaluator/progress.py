@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -109,3 +110,33 @@ def progress(label: str, total: float | None = None, *, completed: float = 0, un
 
 def _stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def waiting(label: str, *, enabled: bool = True, write: Callable[[str], None] | None = None) -> Iterator[None]:
+    """For one long call with no steps to count (a metric's models scoring a task): a spinner on a terminal,
+    elsewhere a line every interval while it runs, so a log never looks hung."""
+    if not enabled:
+        yield
+        return
+    if write is None and sys.stderr.isatty():
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        with Progress(SpinnerColumn(), TextColumn(label), TimeElapsedColumn(), transient=True) as bar:
+            bar.add_task(label, total=None)
+            yield
+        return
+    write, interval, t0 = write or _stderr, _interval(), time.monotonic()
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(max(interval, 0.05)):
+            write(f"[{label}] still running, {duration(time.monotonic() - t0)} elapsed")
+
+    thread = threading.Thread(target=beat, name=f"progress: {label}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()

@@ -43,6 +43,7 @@ from evaluator.errors import DataError, SubmissionError, XaresError, first_line
 from evaluator.extraction import ExtractionConfig, extract, sample_keys, spot_check
 from evaluator.features import FeatureRangeError, FeatureStore, StoreKey
 from evaluator.fileio import DigestCache, atomic_write_text
+from evaluator.progress import waiting
 from evaluator.sandbox import Limits, open_runtime
 from evaluator.sandbox.base import TimeBudget
 from evaluator.submission.archive import unpacked
@@ -741,7 +742,8 @@ class _Stages:
                     raise DataError(self.errors[task.id])
                 rows = self._predictions(task, stores[task.id], predict, run_dir, codec)
                 scorer = scorer or self._caption_scorer(task)
-                value = _score(task, rows, scorer)
+                with waiting(f"scoring {task.id}", enabled=self.opts.progress):
+                    value = _score(task, rows, scorer)
                 results.append(TaskResult(task.id, task.hidden, task.metric, value, len(rows)))
                 self.echo(f"  - {task.id}: {task.metric} {100 * value:.1f} ({len(rows)} samples)")
             except XaresError as e:  # one bad task is reported, the run goes on

@@ -724,5 +724,3 @@ class _Prefetch:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-
-

@@ -169,3 +169,19 @@ def test_a_run_folder_with_a_bad_results_file_still_gets_its_site(finished, tmp_
     index = write_site(out)
     page = index.read_text()
     assert "logmel-baseline" in page and "old-0123456789ab" not in page
+
+
+def test_a_long_call_without_steps_still_reports_while_it_runs(monkeypatch):
+    """Scoring a task with a metric's models is one call: lines keep coming while it runs, and stop after."""
+    import time
+
+    from evaluator.progress import waiting
+
+    monkeypatch.setenv("XARES_PROGRESS_SECONDS", "0.05")
+    lines: list[str] = []
+    with waiting("scoring demo-captions", write=lines.append):
+        time.sleep(0.4)
+    seen = len(lines)
+    time.sleep(0.2)
+    assert seen >= 3 and len(lines) == seen, lines
+    assert lines[0].startswith("[scoring demo-captions] still running, ") and lines[0].endswith("elapsed")

@@ -264,7 +264,8 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 svg { max-width: 100%; height: auto; } nav a { margin-right: 1em; }
 """
 
-# Click a header to sort by its column (numbers as numbers); a second click reverses.
+# Click a header to sort by its column (numbers as numbers); a second click reverses. A #sort=COLUMN
+# link sorts on load.
 SORT_JS = """
 document.querySelectorAll("table.sortable").forEach(function (table) {
   table.querySelectorAll("th").forEach(function (th, col) {
@@ -281,6 +282,13 @@ document.querySelectorAll("table.sortable").forEach(function (table) {
     });
   });
 });
+// index.html#sort=score (ascending) or #sort=-score (descending): a link to a sorted leaderboard
+var wanted = decodeURIComponent(location.hash).match(/^#sort=(-?)(.+)$/);
+if (wanted) {
+  document.querySelectorAll("table.sortable th").forEach(function (th) {
+    if (th.textContent.trim() === wanted[2]) { th.click(); if (wanted[1]) { th.click(); } }
+  });
+}
 """
 
 

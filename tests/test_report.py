@@ -92,11 +92,12 @@ def _chromium() -> str:
     return found
 
 
-def _load(page: Path, screenshot: Path | None = None) -> tuple[str, list[str]]:
+def _load(page: Path, screenshot: Path | None = None, fragment: str = "") -> tuple[str, list[str]]:
     """The page's DOM after its scripts ran, and the console lines it logged, from headless Chromium."""
     base = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
             "--enable-logging=stderr", "--v=0", f"--user-data-dir={page.parent / '.chromium'}"]
-    dom = subprocess.run([*base, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+    dom = subprocess.run([*base, "--dump-dom", page.as_uri() + fragment], capture_output=True, text=True,
+                         timeout=120)
     assert dom.returncode == 0, dom.stderr[-2000:]
     console = [line for line in dom.stderr.splitlines() if ":CONSOLE" in line]
     if screenshot is not None:
@@ -185,3 +186,28 @@ def test_a_long_call_without_steps_still_reports_while_it_runs(monkeypatch):
     time.sleep(0.2)
     assert seen >= 3 and len(lines) == seen, lines
     assert lines[0].startswith("[scoring demo-captions] still running, ") and lines[0].endswith("elapsed")
+
+
+def test_the_leaderboard_sorts_in_the_browser(finished, tmp_path):
+    """The header-click sorting, run by Chromium through a #sort= link: two submissions change places."""
+    from evaluator.report import build_site
+
+    _, _, results = finished
+    other = tmp_path / "other" / "run" / "results.json"
+    other.parent.mkdir(parents=True)
+    doc = json.loads(results.read_text())
+    doc["submission"] = {"name": "zz-second", "sha256": "f" * 64}
+    for task in doc["tasks"]:
+        task["score"] = min(1.0, task["score"] + 0.5)
+    other.write_text(json.dumps(doc))
+    index = build_site([results, other], tmp_path / "site")
+
+    def order(fragment: str) -> list[str]:
+        dom, console = _load(index, fragment=fragment)
+        assert console == []
+        return sorted(["logmel-baseline", "zz-second"], key=dom.index)
+
+    assert order("") == ["zz-second", "logmel-baseline"]  # by rank: the second scores higher
+    assert order("#sort=score") == ["logmel-baseline", "zz-second"]  # ascending
+    assert order("#sort=-score") == ["zz-second", "logmel-baseline"]
+    assert order("#sort=submission") == ["logmel-baseline", "zz-second"]

@@ -46,7 +46,6 @@ STATE_FORMAT = "xares-eval/campaign/2"
 OLDER_FORMATS = ("xares-eval/campaign/1",)  # one record per submission and track
 RUNS_DIR = "runs"
 LOGS_DIR = "logs"
-KINDS = ("extract", "train", "score")
 
 
 # ---- the graph -----------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ import tempfile
 import threading
 import unicodedata
 import warnings
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -412,3 +413,15 @@ def score(name: str, predictions: Sequence[str], references: Sequence[Reference]
     if not math.isfinite(value):
         raise DataError(f"{name}: the metric returned {value} (not a number)")
     return value
+
+
+def chance_level(name: str, references: Sequence[list[str]], **kwargs) -> float:
+    """The score of always giving the most frequent (first) reference: the bar a decoder must clear.
+
+    Raises:
+        as `score` (no references: DataError).
+    """
+    if not references:
+        raise DataError(f"{name}: no references to take a chance level from")
+    majority = Counter(r[0] for r in references).most_common(1)[0][0]
+    return score(name, [majority] * len(references), references, **kwargs)

@@ -150,17 +150,7 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
     Raises:
         ConfigError: missing, unreadable, encrypted, or not an ed25519 private key in PEM.
     """
-    data = _read_pem(path, "private")
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except TypeError as e:  # encrypted
-        raise ConfigError(f"{path}: the private key is password-protected; use an unencrypted PKCS8 PEM") from e
-    except (ValueError, UnsupportedAlgorithm) as e:
-        hint = " (it holds a public key: sign with the .key file)" if b"PUBLIC KEY" in data else ""
-        raise ConfigError(f"{path}: not an ed25519 private key in PEM format{hint}") from e
-    if not isinstance(key, Ed25519PrivateKey):
-        raise ConfigError(f"{path}: holds a {type(key).__name__.removeprefix('_')}, not an ed25519 private key")
-    return key
+    return _load_key(path, "private")
 
 
 def load_public_key(path: Path) -> Ed25519PublicKey:
@@ -169,14 +159,30 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
     Raises:
         ConfigError: missing, unreadable, or not an ed25519 public key in PEM.
     """
-    data = _read_pem(path, "public")
+    return _load_key(path, "public")
+
+
+# kind -> (loader, key class, the other kind's PEM marker, the hint when the other kind was given)
+_KEY_KINDS = {
+    "private": (lambda data: serialization.load_pem_private_key(data, password=None), Ed25519PrivateKey,
+                b"PUBLIC KEY", "it holds a public key: sign with the .key file"),
+    "public": (serialization.load_pem_public_key, Ed25519PublicKey,
+               b"PRIVATE KEY", "it holds a private key: verify with the .pub file"),
+}
+
+
+def _load_key(path: Path, kind: str):
+    load, wanted, other, hint = _KEY_KINDS[kind]
+    data = _read_pem(path, kind)
     try:
-        key = serialization.load_pem_public_key(data)
+        key = load(data)
+    except TypeError as e:  # an encrypted private key
+        raise ConfigError(f"{path}: the private key is password-protected; use an unencrypted PKCS8 PEM") from e
     except (ValueError, UnsupportedAlgorithm) as e:
-        hint = " (it holds a private key: verify with the .pub file)" if b"PRIVATE KEY" in data else ""
-        raise ConfigError(f"{path}: not an ed25519 public key in PEM format{hint}") from e
-    if not isinstance(key, Ed25519PublicKey):
-        raise ConfigError(f"{path}: holds a {type(key).__name__.removeprefix('_')}, not an ed25519 public key")
+        said = f" ({hint})" if other in data else ""
+        raise ConfigError(f"{path}: not an ed25519 {kind} key in PEM format{said}") from e
+    if not isinstance(key, wanted):
+        raise ConfigError(f"{path}: holds a {type(key).__name__.removeprefix('_')}, not an ed25519 {kind} key")
     return key
 
 

@@ -64,18 +64,10 @@ def build_site(results: Sequence[Path], out: Path, *, title: str = TITLE) -> Pat
     Raises:
         DataError: a results file is unreadable or invalid (nothing is written).
     """
-    from evaluator.scoring import leaderboard, load_many
+    from evaluator.scoring import load_many
 
-    parsed = load_many(list(results))
-    views = [_view(Path(p), r, i) for i, (p, r) in enumerate(zip(results, parsed))]
-    rows = leaderboard(parsed)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for view in views:
-        atomic_write_text(out / view.page, _run_page(view, title))
-    index = out / INDEX
-    atomic_write_text(index, _index_page(rows, views, title))
-    return index
+    results = [Path(p) for p in results]
+    return _write(list(zip(results, load_many(results))), Path(out), title)
 
 
 def write_site(out: Path, *, title: str = TITLE) -> Path:
@@ -88,12 +80,22 @@ def write_site(out: Path, *, title: str = TITLE) -> Path:
     usable = []
     for path in sorted(Path(out).glob("*/*/results.json")):
         try:
-            load_results(path)
+            usable.append((path, load_results(path)))
         except XaresError as e:
             logger.warning("the site leaves out %s: %s", path, first_line(e))
-            continue
-        usable.append(path)
-    return build_site(usable, Path(out) / SITE_DIR, title=title)
+    return _write(usable, Path(out) / SITE_DIR, title)
+
+
+def _write(parsed: list[tuple[Path, object]], out: Path, title: str) -> Path:
+    from evaluator.scoring import leaderboard
+
+    views = [_view(path, results, i) for i, (path, results) in enumerate(parsed)]
+    out.mkdir(parents=True, exist_ok=True)
+    for view in views:
+        atomic_write_text(out / view.page, _run_page(view, title))
+    index = out / INDEX
+    atomic_write_text(index, _index_page(leaderboard([r for _, r in parsed]), views, title))
+    return index
 
 
 def _view(path: Path, results, i: int) -> RunView:
@@ -123,18 +125,14 @@ def _json(path: Path) -> dict:
 # ---- scores and chance ---------------------------------------------------------------------------
 def chance(task: str, view: RunView) -> float | None:
     """The score of always giving the most frequent answer of the test set (None: not computable here)."""
-    from evaluator.metrics import METRICS, score
+    from evaluator.metrics import METRICS, chance_level
 
     info, rows = view.task_info(task), view.predictions.get(task)
     metric = info.get("metric") or next((t.metric for t in view.results.tasks if t.task == task), None)
     if not rows or metric not in METRICS or METRICS[metric].needs_models:
         return None
-    refs = [r["references"] for r in rows if r["references"]]
-    if not refs:
-        return None
-    majority = Counter(r[0] for r in refs).most_common(1)[0][0]
     try:
-        return score(metric, [majority] * len(refs), refs, **(info.get("metric_args") or {}))
+        return chance_level(metric, [r["references"] for r in rows if r["references"]], **(info.get("metric_args") or {}))
     except Exception:  # noqa: BLE001 - a chance line is a courtesy; the scores themselves come from results.json
         return None
 

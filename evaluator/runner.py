@@ -370,6 +370,7 @@ class _TrainPlan:
     datasets: list
     probs: list[float]
     pack_key: str  # plans with equal keys can share a pack's decoder
+    decoder_id: dict  # what the decoder is (a hub name, or a folder's file digests): keyed, and signed
     longest: int  # positions of the longest training row it can draw (audio frames + text), for --pack auto
 
 
@@ -516,8 +517,7 @@ def _sign(prep: _Prepared, document: dict, config: dict, run_dir: Path) -> None:
         document, submission_sha256=prep.sub_sha, model_digest=model,
         # each store's name is the digest of its shards' sha256s and the extraction settings
         data_digests={k: store.path.name for k, store in sorted(prep.stages.stores.items())},
-        decoder=_decoder_identity(prep.plan.model_cfg.decoder, DigestCache(Path(opts.out) / DIGEST_CACHE)),
-        config=config, evaluator_version=__version__)
+        decoder=prep.plan.decoder_id, config=config, evaluator_version=__version__)
     write_receipt(run_dir / RECEIPT_FILE, sign(payload, load_private_key(Path(opts.sign_key))))
 
 
@@ -706,7 +706,7 @@ class _Stages:
         plan = _TrainPlan(model_cfg=model_cfg, train_cfg=train_cfg, key=key,
                           train_dir=sub_dir / f"train-{track.name}-{key[:12]}",
                           datasets=[stores[t.id].dataset(prompt=t.prompt_for_training, task=t.id) for t in tasks],
-                          probs=[mixture[t.id] for t in tasks], pack_key=pack_key,
+                          probs=[mixture[t.id] for t in tasks], pack_key=pack_key, decoder_id=decoder_id,
                           longest=min(frames, crop[0] or frames) + TEXT_POSITIONS)
         return plan
 

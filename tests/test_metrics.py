@@ -252,3 +252,13 @@ class TestCaptionMetrics:
         assert 0.0 <= date <= 1.0 and not math.isnan(date)
         # the shared model is switched back: FENSE again gives the same value
         assert score("FENSE", preds, refs, scorer=scorer) == got
+
+
+def test_chance_level_is_the_score_of_the_most_frequent_answer():
+    from evaluator.errors import DataError
+    from evaluator.metrics import chance_level
+
+    refs = [["dog"], ["dog"], ["cat"], ["bird", "dog"]]
+    assert chance_level("Accuracy", refs) == pytest.approx(3 / 5)  # "dog" matches 3 of the 5 (clip, reference) pairs
+    with pytest.raises(DataError):
+        chance_level("Accuracy", [])

@@ -29,7 +29,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy.signal import chirp, lfilter
 
 from evaluator.errors import SandboxError, SandboxTimeout
 from evaluator.sandbox.base import Deadline, Runtime, TimeBudget
@@ -186,6 +185,8 @@ def _status_mb(key: str) -> float | None:
 def range_audio(seconds: float, seed: int) -> list[tuple[str, np.ndarray]]:
     """Real-looking clips of one length for the output-range check: what a dataset holds at its
     extremes (speech, loud noise, digital silence, a clipped recording)."""
+    from scipy.signal import chirp, lfilter  # 2 s to import: only when a probe runs, not on every rerun
+
     n = max(1, round(seconds * SAMPLE_RATE))
     rng = np.random.default_rng(seed)
     t = np.arange(n) / SAMPLE_RATE

@@ -657,7 +657,11 @@ class _Stages:
 
     # ---- decoder ---------------------------------------------------------------------------------
     def decoder_name(self, track: TrackSpec) -> str:
-        return self.opts.decoder or track.decoder_model_name
+        """A hub name as given; a local folder by its real path, so that however it is named (demo_out/dec,
+        ./demo_out/dec, /abs/demo_out/dec) it is one decoder with one key, and its checkpoints resume."""
+        name = self.opts.decoder or track.decoder_model_name
+        folder = Path(name).expanduser()
+        return str(folder.resolve()) if folder.is_dir() else name
 
     def max_steps(self, track: TrackSpec) -> int:
         return self.opts.max_steps if self.opts.max_steps is not None else track.max_steps

@@ -40,6 +40,7 @@ from pathlib import Path
 
 from evaluator.errors import ConfigError, XaresError, first_line
 from evaluator.fileio import atomic_write_text
+from evaluator.progress import lines_to
 
 STATE_FILE = "campaign.json"
 STATE_FORMAT = "xares-eval/campaign/2"
@@ -159,11 +160,12 @@ def run_stage(call: StageCall, *deps: StageResult) -> StageResult:
     live = [(s, a) for s, a in zip(job.submissions, call.archives) if blocked[s] is None]
     if not live:
         return result(False, next(iter(blocked.values())), failed={s: r for s, r in blocked.items()})
-    with open(log, "a", encoding="utf-8") as stream:
+    with open(log, "a", encoding="utf-8") as stream, contextlib.ExitStack() as reports:
         def echo(line: str) -> None:
             stream.write(f"{time.strftime('%H:%M:%S')} {line}\n")
             stream.flush()
 
+        reports.enter_context(lines_to(echo))  # the stages' progress lines ("[training] 1200/100000 steps") too
         echo(f"== {job.id} on {where}")
         track = call.tracks[job.via or job.track]
         train_track = call.tracks.get(track.decoder_track)

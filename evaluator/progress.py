@@ -12,6 +12,7 @@ every ``XARES_PROGRESS_SECONDS`` (30 s by default; 0: at every update) and one w
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import sys
 import threading
@@ -19,6 +20,20 @@ import time
 from collections.abc import Callable, Iterator
 
 LOG_SECONDS = 30.0  # between two lines where there is no terminal
+# where a campaign job's reports go (its log file), for the stages it runs; None: the caller's choice
+_SINK: contextvars.ContextVar[Callable[[str], None] | None] = contextvars.ContextVar("xares_progress", default=None)
+
+
+@contextlib.contextmanager
+def lines_to(write: Callable[[str], None]) -> Iterator[None]:
+    """Within this block, every `progress` and `waiting` report is a plain line to ``write``, also where the
+    caller turned reports off: a campaign's jobs keep the terminal for the campaign's own bar, and their
+    logs still say how far a ten-hour training is."""
+    token = _SINK.set(write)
+    try:
+        yield
+    finally:
+        _SINK.reset(token)
 
 
 def _interval() -> float:
@@ -91,7 +106,9 @@ class _Lines(Ticker):
 @contextlib.contextmanager
 def progress(label: str, total: float | None = None, *, completed: float = 0, unit: str = "steps",
              enabled: bool = True, write: Callable[[str], None] | None = None) -> Iterator[Ticker]:
-    """A `Ticker`: a bar on a terminal, periodic lines elsewhere (or to ``write``), nothing when not ``enabled``."""
+    """A `Ticker`: a bar on a terminal, periodic lines elsewhere (or to ``write``), nothing when not ``enabled``
+    (unless inside `lines_to`)."""
+    write, enabled = write or _SINK.get(), enabled or _SINK.get() is not None
     if not enabled:
         yield Ticker()
         return
@@ -116,6 +133,7 @@ def _stderr(line: str) -> None:
 def waiting(label: str, *, enabled: bool = True, write: Callable[[str], None] | None = None) -> Iterator[None]:
     """For one long call with no steps to count (a metric's models scoring a task): a spinner on a terminal,
     elsewhere a line every interval while it runs, so a log never looks hung."""
+    write, enabled = write or _SINK.get(), enabled or _SINK.get() is not None
     if not enabled:
         yield
         return

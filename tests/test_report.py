@@ -157,6 +157,31 @@ def test_progress_lines_without_a_terminal(monkeypatch):
         bar.advance(3)  # nothing to show, nothing raised
 
 
+def test_a_campaign_job_sends_every_report_to_its_log(monkeypatch):
+    """Inside `lines_to` (a campaign job), reports turned off for the terminal still reach the job's log as
+    lines; outside it nothing changes, and the sink does not leak into other threads' contexts."""
+    import threading
+
+    from evaluator.progress import lines_to, progress, waiting
+
+    monkeypatch.setenv("XARES_PROGRESS_SECONDS", "0")
+    log: list[str] = []
+    with lines_to(log.append):
+        with progress("training", total=4, enabled=False) as bar:
+            bar.advance(2)
+        with waiting("scoring clotho", enabled=False):
+            pass
+        seen_elsewhere: list[str] = []
+        worker = threading.Thread(target=lambda: progress("other", total=1, enabled=False,
+                                                          write=seen_elsewhere.append).__enter__().advance(1))
+        worker.start()
+        worker.join()
+    assert log[0].startswith("[training] 2/4 steps") and seen_elsewhere == []
+    with progress("after", total=1, enabled=False) as bar:
+        bar.advance(1)
+    assert not any(line.startswith("[after]") for line in log)
+
+
 def test_a_run_folder_with_a_bad_results_file_still_gets_its_site(finished, tmp_path):
     """`run` writes the site of every run under --out: an unreadable results.json there is left out, and
     the site of the others is written (the run that just finished must not fail on an old file)."""

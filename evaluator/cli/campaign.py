@@ -13,13 +13,14 @@ from evaluator.errors import ConfigError
 @click.command(
     epilog="""\b
 Examples:
-  xares-eval campaign subs/*.tar --tracks A,A-hidden,B,B-hidden --out camp/ --pack auto
-  xares-eval campaign subs/*.tar --out camp/ --jobs 2
-  xares-eval campaign subs/*.tar --out /shared/camp/ --ray auto
+  xares-eval campaign submissions/*.tar --tracks A,A-hidden,B,B-hidden --out camp/ --pack auto
+  xares-eval campaign submissions/*.tar --out camp/ --jobs 2
+  xares-eval campaign submissions/*.tar --out /shared/camp/ --ray auto
   xares-eval campaign status camp/
 
 \b
 The campaign is a graph of jobs: extract/<track>/<sub>, train/<decoder track>/<subs>, score/<track>/<sub>.
+The hidden tracks need the organizer's hidden config (--hidden-config FILE or $XARES_HIDDEN_CONFIG).
 Everything lands in OUT: runs/ (the same hash-keyed folders as `xares-eval run`), logs/ (one log per job),
 campaign.json (one record per job), leaderboard.md/.tsv/.html. Rerunning the command skips what is done.
 With --ray, OUT, the submissions, --data-home and the decoder must be on a filesystem every node sees.""",

@@ -9,7 +9,7 @@ import click
 EPILOG = """\b
 Examples:
   xares-eval report out/*/*/results.json -o site/
-  xares-eval report camp/runs/*/*/results.json -o /var/www/xares --title "Interspeech 2026 challenge"
+  xares-eval report out/*/*/results.json -o /var/www/xares --title "Interspeech 2026 challenge"
 
 \b
 The pages are self-contained (inline styles and plots): open site/index.html from disk or serve the

@@ -7,7 +7,7 @@ README's code blocks. Each is split
 like a shell would (comments dropped, ``\\`` continuations joined) and parsed by click exactly as the
 command line would be, up to calling the command: unknown options, bad choices, bad numbers, missing
 arguments all fail. Only "this path does not exist" is let through (examples name files the reader has).
-Importing the command modules loads no torch; nothing here runs a command.
+Importing the command modules loads no torch; nothing here runs a command (test_docs_examples.py runs them).
 """
 
 from __future__ import annotations
@@ -71,11 +71,16 @@ def examples_in_module_doc(text: str | None) -> list[str]:
 
 def collect() -> dict[str, str]:
     """example (as the shell splits it, comment dropped) -> where it is shown, for the failure message."""
-    found: dict[str, str] = {}
+    return {key: where for key, (_, where) in collect_shown().items()}
+
+
+def collect_shown() -> dict[str, tuple[str, str]]:
+    """example (as the shell splits it) -> (its text as shown, for a shell to run; where it is shown)."""
+    found: dict[str, tuple[str, str]] = {}
 
     def add(examples: list[str], where: str) -> None:
         for example in examples:
-            found.setdefault(shlex.join(shlex.split(example, comments=True)), where)
+            found.setdefault(shlex.join(shlex.split(example, comments=True)), (example, where))
 
     for prog, group in GROUPS.items():
         add(examples_in_help(group.help), f"{prog} --help")

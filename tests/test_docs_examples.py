@@ -77,7 +77,10 @@ class Workspace:
 
     root: Path
     env: dict[str, str]
-    extra_env: dict[str, str] = field(default_factory=dict)
+    extra_env: dict[str, str] = field(default_factory=dict)  # what the examples so far set up (keys, Ray, ...)
+    ray: tuple[subprocess.Popen, str] | None = None  # the Ray head for `--ray auto`, and its temp folder
+    engine: tuple[subprocess.Popen, Path] | None = None  # the cleanup examples' own Docker engine, its folder
+    bridges: set[str] = field(default_factory=set)  # the host's bridges before that engine started
 
     @property
     def home(self) -> Path:
@@ -132,7 +135,6 @@ class Workspace:
 class Plan:
     how: str = "done"  # "done" | "trains" | "cuda"
     cwd: str = "."  # relative to home
-    subs: dict[str, str] = field(default_factory=dict)
     before: Callable[[Workspace], None] | None = None
     check: Callable[[Workspace, Outcome], None] | None = None
     logs: str | None = None  # a campaign's logs folder (relative to home): its jobs' lines land there
@@ -244,7 +246,7 @@ def two_machines(*names: str) -> Callable[[Workspace], None]:
 
 
 def three_track_results(ws: Workspace) -> None:
-    """A submission's results of tracks A, A-hidden and B, as three machines' results.json would hold them."""
+    """One submission's results of tracks A, A-hidden and B, as the three runs' results.json hold them."""
     from evaluator.data import get_track
     from evaluator.scoring import TaskResult, results_document
 
@@ -312,7 +314,7 @@ def start_ray(ws: Workspace) -> None:
                              f"--memory={16 * 2**30}", "--object-store-memory=80000000"],
                             env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ws.extra_env.update(RAY_ENV, RAY_ADDRESS=f"127.0.0.1:{port}")
-    ws.ray = (head, temp)  # type: ignore[attr-defined]
+    ws.ray = (head, temp)
     check = [sys.executable, "-c", f"import ray; ray.init(address='127.0.0.1:{port}', log_to_driver=False)"]
     deadline = time.monotonic() + 120
     while subprocess.run(check, env=env, capture_output=True, timeout=90).returncode != 0:
@@ -325,7 +327,9 @@ def start_ray(ws: Workspace) -> None:
 
 
 def stop_ray(ws: Workspace) -> None:
-    head, temp = ws.ray  # type: ignore[attr-defined]
+    if ws.ray is None:
+        return
+    (head, temp), ws.ray = ws.ray, None
     with contextlib.suppress(ProcessLookupError):
         os.killpg(head.pid, signal.SIGKILL)
     head.wait()
@@ -344,11 +348,11 @@ def start_private_engine(ws: Workspace) -> None:
     sock = f"unix://{base}/d.sock"
     # in a network namespace of its own: a second engine on the host's network deletes docker0 (the shared
     # engine's bridge) when it starts; here its bridge and firewall rules are its own
-    ws.links = host_links()  # type: ignore[attr-defined]
+    ws.bridges = host_bridges()
     daemon = subprocess.Popen(["unshare", "--net", "dockerd", "-H", sock, f"--data-root={base}/root",
                                f"--exec-root={base}/exec", f"--pidfile={base}/d.pid"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    ws.engine = (daemon, base)  # type: ignore[attr-defined]
+    ws.engine = (daemon, base)
     ws.extra_env["DOCKER_HOST"] = sock
     import docker
 
@@ -379,7 +383,9 @@ def volumes(ws: Workspace) -> set[str]:
 
 
 def stop_private_engine(ws: Workspace) -> None:
-    daemon, base = ws.engine  # type: ignore[attr-defined]
+    if ws.engine is None:
+        return
+    (daemon, base), ws.engine = ws.engine, None
     daemon.terminate()
     try:
         daemon.wait(timeout=30)
@@ -389,11 +395,11 @@ def stop_private_engine(ws: Workspace) -> None:
     ws.extra_env.pop("DOCKER_HOST", None)
     subprocess.run(["umount", "-R", str(base)], capture_output=True)
     shutil.rmtree(base, ignore_errors=True)
-    lost = ws.links - host_links()  # type: ignore[attr-defined]
+    lost = ws.bridges - host_bridges()
     assert not lost, f"the private engine removed the host's bridges {sorted(lost)}"
 
 
-def host_links() -> set[str]:
+def host_bridges() -> set[str]:
     """The host's bridges (docker0 among them): what a second engine on the host's network would take."""
     listing = subprocess.run(["ip", "-o", "link", "show", "type", "bridge"], capture_output=True, text=True).stdout
     return {line.split(":")[1].strip().split("@")[0] for line in listing.splitlines()}
@@ -413,6 +419,12 @@ def says(*texts: str) -> Callable[[Workspace, Outcome], None]:
     def check(ws: Workspace, result: Outcome) -> None:
         for t in texts:
             assert t in result.out, (t, str(result))
+    return check
+
+
+def file_says(path: str, text: str) -> Callable[[Workspace, Outcome], None]:
+    def check(ws: Workspace, result: Outcome) -> None:
+        assert text in (ws.home / path).read_text(), (path, str(result))
     return check
 
 
@@ -522,11 +534,11 @@ PLANS: list[tuple[str, Plan]] = [
     ("xares-eval leaderboard out/*/*/results.json", Plan(check=leaderboard_ranks_the_demo_run)),
     ("xares-eval leaderboard out/*/*/results.json --format md", Plan(check=leaderboard_ranks_the_demo_run)),
     ("xares-eval leaderboard a.json a-hidden.json b.json --format tsv -o scores.tsv",
-     Plan(before=three_track_results, check=exists("scores.tsv"))),
+     Plan(before=three_track_results, check=file_says("scores.tsv", "logmel-baseline"))),
     ("xares-eval leaderboard machine1/results.json machine2/results.json --format html -o board.html",
-     Plan(before=two_machines("machine1", "machine2"), check=exists("board.html"))),
+     Plan(before=two_machines("machine1", "machine2"), check=file_says("board.html", "logmel-baseline"))),
     ("xares-eval leaderboard m1/results.json m2/results.json --format html -o board.html",
-     Plan(before=two_machines("m1", "m2"), check=exists("board.html"))),
+     Plan(before=two_machines("m1", "m2"), check=file_says("board.html", "logmel-baseline"))),
     ("xares-eval report out/*/*/results.json -o site/", Plan(check=the_site_has("demo-a", "site"))),
     ("xares-eval report out/*/*/results.json -o /var/www/xares --title 'Interspeech 2026 challenge'",
      Plan(check=the_site_has("Interspeech 2026 challenge", "/var/www/xares"))),
@@ -609,14 +621,13 @@ def ws(tmp_path_factory):
     space.env = {**keep, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "HF_HOME": str(root / "hf"),
                  "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "XARES_PROGRESS_SECONDS": "1"}
     yield space
-    for stop in (stop_ray, stop_private_engine):
-        with contextlib.suppress(AttributeError):
-            stop(space)
+    stop_ray(space)  # after a failed example: nothing of the test's may outlive it
+    stop_private_engine(space)
 
 
 @pytest.mark.parametrize("example, plan", PLANS, ids=[e[:90] for e, _ in PLANS])
 def test_example_runs_as_documented(ws, example, plan):
-    text = ws.shell_text(SHOWN.get(key(example), (example, ""))[0], plan.subs or default_subs(ws, example))
+    text = ws.shell_text(SHOWN.get(key(example), (example, ""))[0], placeholders(ws, example))
     cwd = ws.home / plan.cwd
     if plan.before:
         plan.before(ws)
@@ -638,7 +649,7 @@ def test_example_runs_as_documented(ws, example, plan):
             plan.after(ws)
 
 
-def default_subs(ws: Workspace, example: str) -> dict[str, str]:
+def placeholders(ws: Workspace, example: str) -> dict[str, str]:
     """The verify example names a run folder by placeholder hashes: the reader's own signed run."""
     if SIGNED_RESULTS in example:
         return {SIGNED_RESULTS: str(signed_run(ws).relative_to(ws.home))}

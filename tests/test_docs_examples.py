@@ -401,8 +401,7 @@ def stop_private_engine(ws: Workspace) -> None:
 
 def host_bridges() -> set[str]:
     """The host's bridges (docker0 among them): what a second engine on the host's network would take."""
-    listing = subprocess.run(["ip", "-o", "link", "show", "type", "bridge"], capture_output=True, text=True).stdout
-    return {line.split(":")[1].strip().split("@")[0] for line in listing.splitlines()}
+    return {p.parent.name for p in Path("/sys/class/net").glob("*/bridge")}
 
 
 # ------------------------------------------------------------------------------------------ checks

@@ -5,7 +5,7 @@ console scripts, in a folder that holds what the docs say a reader has, in the o
 (participant, organizer, tasks, demo, results, official tracks, campaign, cleanup). `PLANS` says how each
 one must end; an example shown anywhere without a plan fails `test_every_example_has_a_plan`. The
 official-track, campaign and Ray examples run in order in a second lane beside the reader's (`Organizer`):
-they need only the archives and the key, and two lanes halve the wall time on two cores.
+they need only the archives and the key, and two lanes cut the wall time by a third on two cores.
 
 - **done**: exit 0, no traceback, and what it writes or prints checked.
 - **trains**: its documented job is hours of training (the official tracks' 100,000 steps, the full demo):

@@ -7,11 +7,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -181,17 +183,21 @@ def reference(world, tmp_path_factory):
 
 
 def kill_when_training(out, proc, job_prefix: str) -> int:
-    """SIGKILL the process running the first train job once it has written a checkpoint; its pid."""
+    """SIGKILL the process running a train job mid-run (its own decoder folder has a checkpoint, its log no
+    final loss yet); its pid. Any checkpoint and the first job's pid was not enough: on Ray that worker may
+    have moved on to another job (found by a failed CI run)."""
     from evaluator.campaign import LOGS_DIR
 
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and (proc is None or proc.poll() is None):
-        checkpoints = list(out.glob("runs/*/train-*/checkpoint-*"))
-        starts = sorted((out / LOGS_DIR).glob(f"{job_prefix}*.start.json"))
-        if checkpoints and starts:
-            pid = json.loads(starts[0].read_text())["pid"]
-            os.kill(pid, signal.SIGKILL)
-            return pid
+        for start in sorted((out / LOGS_DIR).glob(f"{job_prefix}*.start.json")):
+            log = start.with_name(start.name.removesuffix(".start.json") + ".log")
+            text = log.read_text() if log.exists() else ""
+            folder = re.search(r"-> (\S*train-\S+)", text)
+            if folder and "final loss" not in text and list(Path(folder.group(1)).glob("checkpoint-*")):
+                pid = json.loads(start.read_text())["pid"]
+                os.kill(pid, signal.SIGKILL)
+                return pid
         time.sleep(0.1)
     raise AssertionError("no training to kill: the campaign ended first or never trained")
 

@@ -43,6 +43,7 @@ from evaluator.errors import DataError, SubmissionError, XaresError, first_line
 from evaluator.extraction import ExtractionConfig, extract, sample_keys, spot_check
 from evaluator.features import FeatureRangeError, FeatureStore, StoreKey
 from evaluator.fileio import DigestCache, atomic_write_text
+from evaluator.progress import progress as progress_of
 from evaluator.progress import waiting
 from evaluator.sandbox import Limits, open_runtime
 from evaluator.sandbox.base import TimeBudget
@@ -622,8 +623,9 @@ class _Stages:
             return store
         clips = iter_clips(task, split, data_home=self.opts.data_home, report=skips,
                            download=self.opts.download, limit=self.opts.limit_clips)
-        with _progress(self.opts.progress, f"{task.id} ({split})") as tick:
-            report = extract(self.sandbox.get(), clips, store, self.manifest, self.extraction, progress=tick)
+        with progress_of(f"extracting {task.id} ({split})", unit="clips", enabled=self.opts.progress) as bar:
+            report = extract(self.sandbox.get(), clips, store, self.manifest, self.extraction,
+                             progress=lambda done, seconds: bar.set(done, f"{seconds:.0f} audio-s"))
         self.skips[f"{task.id}/{split}"] = {"clips": skips.clips, "skipped": skips.skipped,
                                              "reasons": dict(skips.counts)}
         dropped = [f"{n} {reason}" for reason, n in sorted(skips.counts.items()) if n]
@@ -908,15 +910,3 @@ def _log_to(transcript: _Transcript) -> Iterator[None]:
     finally:
         root.removeHandler(handler)
         root.setLevel(old)
-
-
-@contextlib.contextmanager
-def _progress(enabled: bool, label: str):
-    """Extraction's (clips, audio-seconds) callback, shown as a bar or periodic lines (evaluator.progress)."""
-    from evaluator.progress import progress
-
-    with progress(f"extracting {label}", unit="clips", enabled=enabled) as bar:
-        def tick(clips: int, seconds: float) -> None:
-            bar.set(clips, f"{seconds:.0f} audio-s")
-
-        yield tick if enabled else None

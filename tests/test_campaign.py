@@ -69,12 +69,16 @@ def scores(out) -> dict:
             if j["kind"] == "score"}
 
 
-def test_a_campaign_runs_reports_and_resumes(world, tmp_path):
+def test_a_campaign_runs_reports_and_resumes(world, tmp_path, monkeypatch):
     root, data_home = world
     out = tmp_path / "camp"
     args = ["campaign", str(root / "mel80.tar"), str(root / "broken.tar"), str(root / "mel40.tar"),
             "--tracks", "demo-a", "--out", str(out), "--max-steps", "4", *common(root, data_home)]
+    monkeypatch.setenv("XARES_PROGRESS_SECONDS", "0")  # every report a line: each job's log shows its stages
     result = CliRunner().invoke(eval_cli, [*args, "--pack", "2"])
+    assert re.search(r"\[extracting \S+ \(\w+\)\] [1-9]\d* clips", (out / "logs" / "extract__demo-a__mel40.tar.log").read_text())
+    assert "[training] " in (out / "logs" / "train__demo-a__mel40.tar.log").read_text()
+    assert "[generating " in (out / "logs" / "score__demo-a__mel40.tar.log").read_text()
     assert result.exit_code == 1, result.output  # the broken submission
     assert "Traceback" not in result.output and "jobs failed" in result.output
     jobs = jobs_of(out)

@@ -36,6 +36,12 @@ def lines_to(write: Callable[[str], None]) -> Iterator[None]:
         _SINK.reset(token)
 
 
+def _route(enabled: bool, write: Callable[[str], None] | None) -> tuple[bool, Callable[[str], None] | None]:
+    """(report at all?, where lines go): inside `lines_to`, always, to its sink unless the caller named one."""
+    sink = _SINK.get()
+    return enabled or sink is not None, write or sink
+
+
 def _interval() -> float:
     try:
         return max(0.0, float(os.environ.get("XARES_PROGRESS_SECONDS", LOG_SECONDS)))
@@ -108,7 +114,7 @@ def progress(label: str, total: float | None = None, *, completed: float = 0, un
              enabled: bool = True, write: Callable[[str], None] | None = None) -> Iterator[Ticker]:
     """A `Ticker`: a bar on a terminal, periodic lines elsewhere (or to ``write``), nothing when not ``enabled``
     (unless inside `lines_to`)."""
-    write, enabled = write or _SINK.get(), enabled or _SINK.get() is not None
+    enabled, write = _route(enabled, write)
     if not enabled:
         yield Ticker()
         return
@@ -133,7 +139,7 @@ def _stderr(line: str) -> None:
 def waiting(label: str, *, enabled: bool = True, write: Callable[[str], None] | None = None) -> Iterator[None]:
     """For one long call with no steps to count (a metric's models scoring a task): a spinner on a terminal,
     elsewhere a line every interval while it runs, so a log never looks hung."""
-    write, enabled = write or _SINK.get(), enabled or _SINK.get() is not None
+    enabled, write = _route(enabled, write)
     if not enabled:
         yield
         return
